@@ -1,0 +1,1 @@
+"""Training backends, registered as plugins through ``register_backends``: local, modal."""

@@ -1,0 +1,300 @@
+"""The frozen Qwen3-VL: loading, input formatting, and pooled hidden states.
+
+One function formats (image, prompt) for the model -- :func:`build_inputs` -- and one
+pools -- :func:`pool_hidden`. Training features (``router embed``) and the engine's
+routing pass both go through :func:`encode_pooled`, so what the head sees at
+inference is what it was trained on.
+
+Pooling never uses token 0: under causal attention the first position attends only
+to itself, so ``hidden_states[-1][:, 0, :]`` is identical for every input (the seed's
+choice; ``tests/core/test_encoder.py`` shows it). ``mean`` averages the non-pad tokens;
+``last`` takes the last non-pad token. Both handle left and right padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlrouter.core.errors import InputError, ModelLoadError, located
+
+POOLINGS = ("mean", "last")
+
+try:  # transformers>=5 builds the real processor class; we subclass it.
+    from transformers import Qwen3VLProcessor as _Qwen3VLProcessor
+    from transformers.processing_utils import ProcessorMixin as _ProcessorMixin
+except Exception as _e:  # pragma: no cover - transformers too old
+    raise ImportError("vlrouter needs transformers>=5 with Qwen3-VL support") from _e
+
+
+class ImageOnlyQwen3VLProcessor(_Qwen3VLProcessor):
+    """Qwen3VLProcessor without the video processor (which needs torchvision).
+
+    Same tokenizer, image processor and chat template as the real one, and the real
+    ``__call__`` (image-token expansion, ``mm_token_type_ids``), so outputs for
+    images are identical. Screenshots need no video.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        _ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+        self.vision_start_token = getattr(tokenizer, "vision_start_token", None) or "<|vision_start|>"
+        self.vision_end_token = getattr(tokenizer, "vision_end_token", None) or "<|vision_end|>"
+        self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
+        self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
+
+
+def resolve_device(device: str | None = None) -> str:
+    """``None``/``"auto"`` -> ``cuda`` when available, else ``cpu``."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str | None, device: str):
+    """``None``/``"auto"``: bf16 on GPU, fp32 on CPU. Else ``float32``/``bfloat16``/``float16``."""
+    import torch
+
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise InputError(f"unknown dtype {dtype!r} (fix: one of float32, bfloat16, float16, auto)")
+    return table[dtype]
+
+
+def _read_chat_template(path: Path) -> str | None:
+    for name in ("chat_template.jinja", "chat_template.json"):
+        p = path / name
+        if p.exists():
+            text = p.read_text()
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    return None
+
+
+def load_processor(base_model: str, *, revision: str | None = None):
+    """The real Qwen3VLProcessor when it can be built, else :class:`ImageOnlyQwen3VLProcessor`.
+
+    Works the same for a hub id (``Qwen/Qwen3-VL-8B-Instruct``) and a local folder.
+    The tokenizer pads on the left (generation and pooling both expect it).
+    """
+    from transformers import AutoProcessor, AutoTokenizer, Qwen2VLImageProcessorPil
+
+    try:
+        proc = AutoProcessor.from_pretrained(base_model, revision=revision)
+        proc.tokenizer.padding_side = "left"
+        return proc
+    except Exception as e:  # no torchvision -> the video processor cannot be built; or not found
+        first_error = e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_model, revision=revision)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(base_model, revision=revision)
+    except Exception as e:
+        raise ModelLoadError(
+            located(base_model, None, f"cannot load the processor: {first_error}; image-only fallback: {e}",
+                    fix="pass a local Qwen3-VL folder, or a hub id with network access")
+        ) from None
+    tokenizer.padding_side = "left"
+    template = getattr(tokenizer, "chat_template", None)
+    if Path(base_model).is_dir():
+        template = _read_chat_template(Path(base_model)) or template
+    if not template:
+        raise ModelLoadError(
+            located(base_model, None, "no chat template found", fix="add chat_template.jinja to the model folder")
+        )
+    return ImageOnlyQwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+
+
+def load_base_model(base_model: str, *, device: str | None = None, dtype: str | None = None,
+                    revision: str | None = None):
+    """Load Qwen3-VL for conditional generation, frozen, in eval mode."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(base_model, dtype=torch_dtype, revision=revision)
+    except OSError as e:
+        raise ModelLoadError(
+            located(base_model, None, f"cannot load the base model: {e}",
+                    fix="pass a local Qwen3-VL folder (e.g. from `router tiny-model`), or a hub id with network access")
+        ) from None
+    except ValueError as e:
+        raise ModelLoadError(located(base_model, None, f"not a Qwen3-VL checkpoint: {e}", fix="use a Qwen3-VL model")) from None
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def model_fingerprint(base_model: str, revision: str | None = None) -> str:
+    """Identifies the base weights: hub id + revision, or a local folder's config + weights index."""
+    p = Path(base_model)
+    h = hashlib.sha256()
+    if p.is_dir():
+        for name in ("config.json", "model.safetensors.index.json"):
+            if (p / name).exists():
+                h.update((p / name).read_bytes())
+        for w in sorted(p.glob("*.safetensors")):
+            st = w.stat()
+            h.update(f"{w.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        h.update(f"{base_model}@{revision or 'main'}".encode())
+    return h.hexdigest()[:16]
+
+
+def processor_fingerprint(processor) -> str:
+    """Settings that change what the model sees: image processor config + chat template."""
+    ip = processor.image_processor.to_dict()
+    keep = {k: ip.get(k) for k in ("size", "min_pixels", "max_pixels", "patch_size", "merge_size",
+                                   "temporal_patch_size", "image_mean", "image_std", "do_resize", "resample")}
+    blob = json.dumps(keep, sort_keys=True, default=str) + "\n" + (processor.chat_template or "")
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_messages(image, prompt: str) -> list[dict[str, Any]]:
+    """The user turn as a chat-template content list: image first, then the instruction.
+
+    The seed's LLaVA ``<image>\\n`` prefix is stripped by the dataset reader; the image
+    always goes first, as in the seed's conversations.
+    """
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+
+
+def build_inputs(processor, images: Sequence, prompts: Sequence[str], *, add_generation_prompt: bool = True):
+    """Format and process a batch: chat template + image processor + tokenizer, left padded.
+
+    Returns a ``BatchFeature`` with ``input_ids``, ``attention_mask``, ``pixel_values``,
+    ``image_grid_thw`` and ``mm_token_type_ids`` -- pass them all to the model.
+    """
+    if len(images) != len(prompts):
+        raise InputError(f"got {len(images)} images for {len(prompts)} prompts")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise InputError(f"prompt {i} is empty (fix: pass the instruction text)")
+    texts = [
+        processor.apply_chat_template(build_messages(img, p), tokenize=False, add_generation_prompt=add_generation_prompt)
+        for img, p in zip(images, prompts)
+    ]
+    return processor(text=texts, images=list(images), return_tensors="pt", padding=True, padding_side="left")
+
+
+def pool_hidden(hidden, attention_mask, pooling: str):
+    """Pool ``hidden [B, T, H]`` over non-pad tokens. Returns fp32 ``[B, H]``.
+
+    ``mean``: masked mean. ``last``: the last position whose mask is 1 (works for left
+    and right padding).
+    """
+    import torch
+
+    mask = attention_mask.to(hidden.device)
+    h = hidden.float()
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).float()
+        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+    if pooling == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        idx = (positions * mask.long()).argmax(1)
+        return h[torch.arange(h.shape[0], device=h.device), idx]
+    raise InputError(f"unknown pooling {pooling!r} (fix: one of {', '.join(POOLINGS)}; never token 0)")
+
+
+def inner_vl_model(model):
+    """The ``Qwen3VLModel`` inside a ForConditionalGeneration or a PeftModel wrapping one."""
+    m = model
+    if hasattr(m, "get_base_model"):
+        m = m.get_base_model()
+    inner = getattr(m, "model", None)
+    if inner is None or not hasattr(inner, "language_model"):
+        raise ModelLoadError(f"{type(model).__name__} is not a Qwen3-VL model (fix: load a Qwen3-VL checkpoint)")
+    return inner
+
+
+def encode_pooled(model, batch, *, layer: int = -1, pooling: str = "mean"):
+    """Run the VL model (no LM head) and pool ``hidden_states[layer]``. fp32 ``[B, H]`` on CPU.
+
+    With a PeftModel call it under ``model.disable_adapter()`` to get base features.
+    """
+    import torch
+
+    inner = inner_vl_model(model)
+    device = next(inner.parameters()).device
+    kwargs = {k: v.to(device) for k, v in batch.items()}
+    with torch.inference_mode():
+        out = inner(**kwargs, output_hidden_states=True, use_cache=False, return_dict=True)
+    hs = out.hidden_states
+    if not -len(hs) <= layer < len(hs):
+        raise InputError(
+            f"router.layer={layer} is out of range for a model with {len(hs) - 1} layers "
+            f"(fix: use -1..-{len(hs)} or 0..{len(hs) - 1})"
+        )
+    return pool_hidden(hs[layer], kwargs["attention_mask"], pooling).cpu()
+
+
+@dataclass
+class Encoder:
+    """The frozen base model + processor, with the pooling settings of one router."""
+
+    model: Any
+    processor: Any
+    base_model: str
+    pooling: str = "mean"
+    layer: int = -1
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise InputError(f"unknown pooling {self.pooling!r} (fix: one of {', '.join(POOLINGS)})")
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, base_model: str, *, pooling: str = "mean", layer: int = -1, device: str | None = None,
+             dtype: str | None = None, revision: str | None = None) -> Encoder:
+        processor = load_processor(base_model, revision=revision)
+        model = load_base_model(base_model, device=device, dtype=dtype, revision=revision)
+        return cls(model=model, processor=processor, base_model=base_model, pooling=pooling, layer=layer,
+                   revision=revision)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.text_config.hidden_size)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(next(self.model.parameters()).dtype).replace("torch.", "")
+
+    def fingerprint(self) -> str:
+        """Everything that changes a pooled feature except the sample itself."""
+        blob = json.dumps(
+            {
+                "model": model_fingerprint(self.base_model, self.revision),
+                "processor": processor_fingerprint(self.processor),
+                "pooling": self.pooling,
+                "layer": self.layer,
+                "dtype": self.dtype_name,
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def prepare(self, images: Sequence, prompts: Sequence[str]):
+        """CPU-only stage: chat template + processor (safe to run in worker processes)."""
+        return build_inputs(self.processor, images, prompts)
+
+    def embed_prepared(self, batch):
+        """GPU stage: forward + pooling for a prepared batch."""
+        return encode_pooled(self.model, batch, layer=self.layer, pooling=self.pooling)
+
+    def embed(self, images: Sequence, prompts: Sequence[str]):
+        return self.embed_prepared(self.prepare(images, prompts))

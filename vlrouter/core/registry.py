@@ -1,0 +1,444 @@
+"""registry.yaml: strict pydantic models, loading with located errors, atomic round-trip saves.
+
+People write this file, so unknown keys are errors (``extra="forbid"``), and every
+error names the file, the line (YAML syntax) or the field path with its line, and a fix.
+Edits go through :class:`Registry` methods that keep the user's comments and key order
+(ruamel.yaml round-trip) and are written with temp file + ``os.replace``: the file is
+either the old bytes or the new bytes, never half.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from vlrouter.core.errors import RegistryError, located
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+DEFAULT_REGISTRY = "registry.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RouterSection(_Strict):
+    dir: str = "runs/router"
+    pooling: Literal["mean", "last"] = "mean"
+    layer: int = -1
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0)
+    fallback: str = "base"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class TrainSection(_Strict):
+    backend: str = "local"
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1.0e-4, gt=0)
+    patience: int = Field(5, ge=1)
+    eval_every: int = Field(20, ge=1)
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+    head: Literal["linear", "mlp"] = "linear"
+    head_hidden: int = Field(512, ge=1)
+    train_samples: int | None = Field(None, ge=1)
+    eval_samples: int | None = Field(None, ge=0)
+    workers: int = Field(2, ge=1)
+    embed_batch_size: int = Field(8, ge=1)
+    datasets_dir: str = "datasets"
+    cache_dir: str = ".features"
+
+
+class ModalSection(_Strict):
+    app_name: str = "vlrouter"
+    data_volume: str = "moe-lora-data"
+    output_volume: str = "routing-output"
+    checkpoints_volume: str = "moe-lora-checkpoints"
+    gpu: str = "H100"
+    cpu_shards: int = Field(8, ge=1)
+
+
+class AdapterEntry(_Strict):
+    name: str
+    plugin: str | None = None
+    dataset: str
+    checkpoint: str
+    description: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"adapter name {v!r} must match [a-z0-9][a-z0-9-]* (lowercase, digits, dashes)")
+        return v
+
+
+class RegistryModel(_Strict):
+    base_model: str
+    base_model_revision: str | None = None
+    router: RouterSection = Field(default_factory=RouterSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    modal: ModalSection = Field(default_factory=ModalSection)
+    adapters: list[AdapterEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _cross(self) -> RegistryModel:
+        seen: dict[str, int] = {}
+        for i, a in enumerate(self.adapters):
+            if a.name in seen:
+                raise ValueError(f"adapters[{i}].name: duplicate adapter name {a.name!r} (also adapters[{seen[a.name]}])")
+            seen[a.name] = i
+        fb = self.router.fallback
+        if fb not in ("base", "error") and fb not in seen:
+            raise ValueError(
+                f"router.fallback: {fb!r} is not 'base', 'error' or an adapter in this registry "
+                f"(adapters: {', '.join(seen) or 'none'})"
+            )
+        return self
+
+
+def _yaml() -> YAML:
+    y = YAML(typ="rt")
+    y.preserve_quotes = True
+    y.indent(mapping=2, sequence=4, offset=2)
+    y.width = 4096
+    return y
+
+
+def _line_of(doc: Any, loc: tuple) -> int | None:
+    """1-based line of the deepest node on ``loc`` that ruamel knows a position for."""
+    node, line = doc, None
+    for key in loc:
+        try:
+            if isinstance(node, CommentedMap) and key in node:
+                line = node.lc.key(key)[0] + 1
+                node = node[key]
+            elif isinstance(node, CommentedSeq) and isinstance(key, int) and key < len(node):
+                line = node.lc.item(key)[0] + 1
+                node = node[key]
+            else:
+                break
+        except Exception:
+            break
+    return line
+
+
+def _loc_str(loc: tuple) -> str:
+    out = ""
+    for k in loc:
+        out += f"[{k}]" if isinstance(k, int) else (f".{k}" if out else str(k))
+    return out
+
+
+def _fix_for(err: dict, loc: tuple) -> str:
+    etype = err.get("type", "")
+    if etype == "extra_forbidden":
+        key = loc[-1] if loc else "?"
+        parent = RegistryModel
+        for k in loc[:-1]:
+            if isinstance(k, int):
+                continue
+            f = parent.model_fields.get(k)
+            ann = getattr(f, "annotation", None) if f else None
+            inner = getattr(ann, "__args__", (ann,))[0] if ann is not None else None
+            parent = inner if isinstance(inner, type) and issubclass(inner, BaseModel) else (
+                ann if isinstance(ann, type) and issubclass(ann, BaseModel) else parent)
+        known = list(parent.model_fields)
+        close = difflib.get_close_matches(str(key), known, n=1)
+        return f"remove it{f' or rename it to {close[0]!r}' if close else ''}; known keys: {', '.join(known)}"
+    if etype == "missing":
+        return f"add `{loc[-1]}:`"
+    if etype == "literal_error":
+        return "use one of the allowed values"
+    return "correct the value"
+
+
+class Registry:
+    """A loaded registry.yaml: validated model + the round-trip document for edits."""
+
+    def __init__(self, path: Path, model: RegistryModel, doc: CommentedMap, raw: bytes | None = None):
+        self.path = path
+        self.model = model
+        self._doc = doc
+        self._raw = raw
+
+    # ---- loading ----------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path = DEFAULT_REGISTRY) -> Registry:
+        p = Path(path)
+        if not p.exists():
+            raise RegistryError(located(p, None, "registry file not found",
+                                        fix="create one (see README 'registry.yaml reference') or pass --registry"))
+        try:
+            raw = p.read_bytes()
+        except OSError as e:
+            raise RegistryError(located(p, None, f"cannot read: {e.strerror}", fix="check permissions")) from None
+        return cls.from_bytes(raw, p)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, path: str | Path = DEFAULT_REGISTRY) -> Registry:
+        p = Path(path)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RegistryError(located(p, None, f"not UTF-8 text (byte {e.start})", fix="save it as UTF-8")) from None
+        if not text.strip():
+            raise RegistryError(located(p, None, "file is empty",
+                                        fix="add at least `base_model:` and `adapters:` (see README)"))
+        try:
+            doc = _yaml().load(text)
+        except MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            line = mark.line + 1 if mark is not None else None
+            raise RegistryError(located(p, line, f"YAML syntax error: {e.problem or e.context}",
+                                        fix="fix the indentation/quoting on that line")) from None
+        except YAMLError as e:
+            raise RegistryError(located(p, None, f"YAML error: {e}", fix="fix the YAML")) from None
+        except Exception as e:  # ruamel raises a few non-YAMLError types on odd input
+            raise RegistryError(located(p, None, f"YAML error: {type(e).__name__}: {e}", fix="fix the YAML")) from None
+        if doc is None:
+            raise RegistryError(located(p, None, "file holds no YAML document",
+                                        fix="add at least `base_model:` and `adapters:`"))
+        if not isinstance(doc, dict):
+            kind = "a list" if isinstance(doc, list) else f"a {type(doc).__name__}"
+            raise RegistryError(located(p, 1, f"top level is {kind}, not a mapping",
+                                        fix="start the file with `base_model: ...` keys, not `- ...` or a bare value"))
+        model = cls._validate(doc, p)
+        return cls(p, model, doc, raw)
+
+    @staticmethod
+    def _validate(doc: Any, p: Path) -> RegistryModel:
+        try:
+            return RegistryModel.model_validate(_plain(doc))
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = tuple(err["loc"])
+            msg = err["msg"]
+            if err["type"] == "value_error":
+                msg = msg.removeprefix("Value error, ")
+                m = re.match(r"^([\w\[\]\.]+): (.*)$", msg)
+                if m:  # cross-field errors carry their own field path
+                    field, msg = m.group(1), m.group(2)
+                    loc = tuple(int(x) if x.isdigit() else x for x in re.findall(r"[A-Za-z_]\w*|\d+", field))
+            where = _loc_str(loc) or "(top level)"
+            line = _line_of(doc, loc)
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown key {loc[-1]!r}"
+            more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
+            raise RegistryError(located(p, where, msg + more, line=line, fix=_fix_for(err, loc))) from None
+
+    # ---- queries ----------------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    def resolve(self, value: str | Path) -> Path:
+        """A path from the registry, relative to the registry file's folder."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.root / p)
+
+    @property
+    def adapters(self) -> list[AdapterEntry]:
+        return list(self.model.adapters)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [a.name for a in self.model.adapters]
+
+    def adapter(self, name: str) -> AdapterEntry:
+        for a in self.model.adapters:
+            if a.name == name:
+                return a
+        raise RegistryError(located(self.path, "adapters", f"no adapter named {name!r}"
+                                    + _suggest(name, self.adapter_names), fix="`router status` lists them"))
+
+    def index_of(self, name: str) -> int:
+        return self.adapter_names.index(self.adapter(name).name)
+
+    @property
+    def router_dir(self) -> Path:
+        return self.resolve(self.model.router.dir)
+
+    @property
+    def base_model(self) -> str:
+        """Hub ids stay as they are; an existing relative folder resolves against the registry."""
+        bm = self.model.base_model
+        local = self.resolve(bm)
+        return str(local) if local.exists() else bm
+
+    def label_fingerprint(self) -> str:
+        """Fingerprint of the ordered label set (names in registry order)."""
+        return fingerprint_labels(self.adapter_names)
+
+    def fingerprint(self) -> str:
+        """Fingerprint of what a router is trained from: labels, datasets, base model, pooling, layer."""
+        m = self.model
+        blob = json.dumps({
+            "labels": self.adapter_names,
+            "datasets": [a.dataset for a in m.adapters],
+            "base_model": m.base_model,
+            "pooling": m.router.pooling,
+            "layer": m.router.layer,
+        }, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def check_paths(self, names: list[str] | None = None, *, checkpoints: bool = False) -> None:
+        """Raise for the first adapter whose dataset (and, if asked, checkpoint) is missing."""
+        for i, a in enumerate(self.model.adapters):
+            if names is not None and a.name not in names:
+                continue
+            ds = self.resolve(a.dataset)
+            if not ds.is_file():
+                raise self._err(("adapters", i, "dataset"), f"dataset for {a.name!r} not found: {ds}",
+                            fix="create it or pass --dataset PATH")
+            if checkpoints:
+                ck = self.resolve(a.checkpoint)
+                if not (ck / "adapter_config.json").is_file():
+                    raise self._err(("adapters", i, "checkpoint"), f"checkpoint for {a.name!r} is not a PEFT adapter folder: {ck}",
+                            fix="point at a folder with adapter_config.json")
+
+    def _err(self, loc: tuple, problem: str, fix: str) -> RegistryError:
+        """A RegistryError located at field ``loc`` (with its line when known)."""
+        return RegistryError(located(self.path, _loc_str(loc), problem, line=_line_of(self._doc, loc), fix=fix))
+
+    # ---- edits (validated before anything is written) ----------------------------------
+    def add_adapter(self, entry: AdapterEntry) -> Registry:
+        """A new Registry with ``entry`` appended (label = its position). Nothing is written."""
+        if entry.name in self.adapter_names:
+            raise self._err(("adapters", self.index_of(entry.name), "name"), f"adapter {entry.name!r} is already registered "
+                                        f"(label {self.index_of(entry.name)})",
+                            fix=f"`router remove-adapter {entry.name}` first, or choose another name")
+        doc = _copy_doc(self._doc)
+        item = CommentedMap()
+        item["name"] = entry.name
+        if entry.plugin:
+            item["plugin"] = entry.plugin
+        item["dataset"] = entry.dataset
+        item["checkpoint"] = entry.checkpoint
+        if entry.description:
+            item["description"] = entry.description
+        if "adapters" not in doc or doc["adapters"] is None:
+            doc["adapters"] = CommentedSeq()
+        doc["adapters"].append(item)
+        return self._from_doc(doc)
+
+    def remove_adapter(self, name: str) -> Registry:
+        idx = self.index_of(name)
+        doc = _copy_doc(self._doc)
+        del doc["adapters"][idx]
+        if self.model.router.fallback == name:
+            raise self._err(("router", "fallback"), f"router.fallback names {name!r}",
+                            fix="set router.fallback to base, error or another adapter first")
+        return self._from_doc(doc)
+
+    def _from_doc(self, doc: CommentedMap) -> Registry:
+        text = dump_yaml(doc)
+        new_doc = _yaml().load(text)
+        model = self._validate(new_doc, self.path)
+        return Registry(self.path, model, new_doc, text.encode())
+
+    def to_text(self) -> str:
+        return dump_yaml(self._doc)
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Atomic write (temp file in the same folder, fsync, rename)."""
+        target = Path(path) if path is not None else self.path
+        atomic_write_bytes(target, self.to_text().encode("utf-8"))
+        return target
+
+
+def fingerprint_labels(names: list[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+def _suggest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def suggest(name: str, candidates: list[str]) -> str:
+    """``"; did you mean 'x'?"`` or ``""``: for errors about unknown names."""
+    return _suggest(name, candidates)
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {str(k) if not isinstance(k, str) else k: _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _copy_doc(doc: CommentedMap) -> CommentedMap:
+    return _yaml().load(dump_yaml(doc))
+
+
+def dump_yaml(doc: Any) -> str:
+    buf = io.StringIO()
+    _yaml().dump(doc, buf)
+    return buf.getvalue()
+
+
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` so that readers see the old or the new bytes, never half."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mode = None
+    if target.exists():
+        mode = target.stat().st_mode & 0o777
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def new_registry_text(base_model: str, adapters: list[AdapterEntry], **router_train: Any) -> str:
+    """A commented starter registry.yaml (used by the demo and docs)."""
+    lines = [
+        "# vlrouter registry: the adapters the router chooses between (label = position).",
+        f"base_model: {base_model}",
+        "router:",
+        "  dir: runs/router          # head.safetensors + router.json",
+        "  pooling: mean             # mean | last (never token 0)",
+        "  layer: -1",
+        "  min_confidence: 0.0",
+        "  fallback: base            # base | error | <adapter name>",
+        "train:",
+        "  backend: local            # local | modal",
+    ]
+    for k, v in router_train.items():
+        lines.append(f"  {k}: {v}")
+    lines.append("adapters:")
+    for a in adapters:
+        lines.append(f"  - name: {a.name}")
+        if a.plugin:
+            lines.append(f"    plugin: {a.plugin}")
+        lines.append(f"    dataset: {a.dataset}")
+        lines.append(f"    checkpoint: {a.checkpoint}")
+    if not adapters:
+        lines[-1] = "adapters: []"
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Extension points (``hookspecs``) and the plugin manager that discovers plugins."""
