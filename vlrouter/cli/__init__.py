@@ -1,0 +1,1 @@
+"""The `router` command (typer). The only place that prints and exits."""

@@ -1,0 +1,33 @@
+"""Shared ``Annotated`` option aliases, so every command spells an option the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+RegistryOpt = Annotated[
+    Path,
+    typer.Option("--registry", "-r", envvar="VLROUTER_REGISTRY", help="Path to registry.yaml.",
+                 show_default=True),
+]
+DEFAULT_REGISTRY = Path("registry.yaml")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 … (default: auto).")]
+
+# The seed's training flags; they override registry.yaml's `train:` values.
+EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=1, help="Training epochs (train.epochs).")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Head batch size (train.batch_size).")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", min=0.0, help="AdamW learning rate (train.lr).")]
+PatienceOpt = Annotated[Optional[int], typer.Option("--patience", min=1,
+                                                    help="Evals without improvement before stopping (train.patience).")]
+BaseModelOpt = Annotated[Optional[str], typer.Option("--base-model-id",
+                                                     help="Hub id or local path of the Qwen3-VL base (base_model).")]
+TrainSamplesOpt = Annotated[Optional[int], typer.Option("--train-samples", min=1,
+                                                        help="Samples taken per adapter for the routing dataset.")]
+EvalSamplesOpt = Annotated[Optional[int], typer.Option("--eval-samples", min=0,
+                                                       help="Extra held-out samples per adapter (seed's --eval-samples).")]
+BackendOpt = Annotated[Optional[str], typer.Option("--backend", help="Training backend: local or modal (train.backend).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Promote even if validation accuracy is below the live router's.")]
