@@ -1,0 +1,1 @@
+"""Demo material: synthetic GUI screenshots and datasets for the four example tasks."""
