@@ -167,7 +167,7 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | str = "tiny") -> Path
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(spec.seed)
     model = Qwen3VLForConditionalGeneration(config).eval()
