@@ -67,7 +67,10 @@ def quiet_libraries() -> None:
 
 
 def fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escape: messages hold brackets (`adapters[2]`, `[a-z0-9]`) that rich would eat as markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
