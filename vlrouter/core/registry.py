@@ -94,6 +94,11 @@ class RegistryModel(_Strict):
     modal: ModalSection = Field(default_factory=ModalSection)
     adapters: list[AdapterEntry] = Field(default_factory=list)
 
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _empty_adapters(cls, v: Any) -> Any:
+        return [] if v is None else v  # `adapters:` with nothing under it is an empty list
+
     @model_validator(mode="after")
     def _cross(self) -> RegistryModel:
         seen: dict[str, int] = {}
@@ -163,6 +168,10 @@ def _fix_for(err: dict, loc: tuple) -> str:
         return f"add `{loc[-1]}:`"
     if etype == "literal_error":
         return "use one of the allowed values"
+    if etype == "value_error" and "duplicate" in str(err.get("msg", "")):
+        return "rename or remove one of the two entries"
+    if loc and loc[-1] == "fallback":
+        return "use base, error, or the name of an adapter listed under adapters:"
     return "correct the value"
 
 
@@ -224,7 +233,9 @@ class Registry:
         try:
             return RegistryModel.model_validate(_plain(doc))
         except ValidationError as e:
-            err = e.errors()[0]
+            errs = e.errors()
+            # An unknown key usually explains the "missing" error beside it (a typo): report it first.
+            err = next((x for x in errs if x["type"] == "extra_forbidden"), errs[0])
             loc = tuple(err["loc"])
             msg = err["msg"]
             if err["type"] == "value_error":
@@ -332,13 +343,21 @@ class Registry:
             item["description"] = entry.description
         if "adapters" not in doc or doc["adapters"] is None:
             doc["adapters"] = CommentedSeq()
-        doc["adapters"].append(item)
+        seq = doc["adapters"]
+        if len(seq):
+            # Comment lines after the last entry (a file's closing comment, or the one heading
+            # the next section) belong after the new entry, not above it.
+            _move_trailing_comment(seq[-1], item)
+        seq.append(item)
         return self._from_doc(doc)
 
     def remove_adapter(self, name: str) -> Registry:
         idx = self.index_of(name)
         doc = _copy_doc(self._doc)
-        del doc["adapters"][idx]
+        seq = doc["adapters"]
+        if idx == len(seq) - 1 and idx > 0:
+            _move_trailing_comment(seq[idx], seq[idx - 1])  # keep the comments that followed it
+        del seq[idx]
         if self.model.router.fallback == name:
             raise self._err(("router", "fallback"), f"router.fallback names {name!r}",
                             fix="set router.fallback to base, error or another adapter first")
@@ -380,6 +399,35 @@ def _plain(node: Any) -> Any:
     if isinstance(node, list):
         return [_plain(v) for v in node]
     return node
+
+
+def _move_trailing_comment(src: Any, dst: Any) -> None:
+    """Move the full-line comments that follow mapping ``src`` onto the end of mapping ``dst``.
+
+    ruamel attaches the comment lines after a block mapping to its last key's end-of-line
+    slot (``"  # eol\n\n# next\n"``); the end-of-line part stays, the rest moves.
+    """
+    if not (isinstance(src, CommentedMap) and isinstance(dst, CommentedMap) and len(src) and len(dst)):
+        return
+    slot = src.ca.items.get(list(src.keys())[-1])
+    if not slot or len(slot) < 3 or slot[2] is None:
+        return
+    tok = slot[2]
+    eol, _, rest = tok.value.partition("\n")
+    if not rest.strip():
+        return
+    from ruamel.yaml.error import CommentMark
+    from ruamel.yaml.tokens import CommentToken
+
+    tok.value = eol + "\n"
+    dkey = list(dst.keys())[-1]
+    dslot = dst.ca.items.setdefault(dkey, [None, None, None, None])
+    while len(dslot) < 4:
+        dslot.append(None)
+    if dslot[2] is None:
+        dslot[2] = CommentToken("\n" + rest, CommentMark(0), None)
+    else:
+        dslot[2].value = dslot[2].value.rstrip("\n") + "\n" + rest
 
 
 def _copy_doc(doc: CommentedMap) -> CommentedMap:
