@@ -1,0 +1,291 @@
+"""registry.yaml: strict models, located errors, path resolution, atomic round-trip saves, fingerprints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vlrouter.core.errors import RegistryError
+from vlrouter.core.registry import AdapterEntry, Registry, fingerprint_labels
+
+TEXT = """\
+# team registry
+base_model: Qwen/Qwen3-VL-8B-Instruct  # hub id
+router:
+  dir: runs/router
+  pooling: mean
+  layer: -1
+  min_confidence: 0.25   # below: fallback
+  fallback: base
+train:
+  epochs: 50
+adapters:
+  # first label
+  - name: calendar
+    plugin: vlrouter.adapters.calendar
+    dataset: data/calendar/train.jsonl
+    checkpoint: checkpoints/calendar-tasks
+  - name: claim-window  # forms
+    dataset: /abs/claim/train.jsonl
+    checkpoint: checkpoints/claim-window
+
+# modal settings follow
+modal:
+  gpu: H100
+"""
+
+
+@pytest.fixture
+def reg_path(tmp_path: Path) -> Path:
+    d = tmp_path / "project"
+    d.mkdir()
+    p = d / "registry.yaml"
+    p.write_text(TEXT)
+    return p
+
+
+def line_of(text: str, needle: str) -> int:
+    """1-based line of the first line containing ``needle``."""
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+def load_text(tmp_path: Path, text: str) -> Registry:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return Registry.load(p)
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    """The one-line message, with the file's folder cut off: ``r.yaml:LINE: field: problem (fix: ...)``."""
+    with pytest.raises(RegistryError) as exc:
+        load_text(tmp_path, text)
+    msg = str(exc.value)
+    assert msg.startswith(str(tmp_path / "r.yaml"))
+    return msg.replace(f"{tmp_path}{os.sep}", "", 1)
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+
+def test_loads_values_and_defaults(reg_path):
+    reg = Registry.load(reg_path)
+    assert reg.adapter_names == ["calendar", "claim-window"]
+    assert reg.index_of("claim-window") == 1
+    assert reg.model.router.min_confidence == 0.25
+    assert reg.model.train.epochs == 50 and reg.model.train.batch_size == 8  # default
+    assert reg.adapter("calendar").plugin == "vlrouter.adapters.calendar"
+    assert reg.adapter("claim-window").plugin is None
+
+
+def test_relative_paths_resolve_against_the_registry_folder(reg_path, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    reg = Registry.load(reg_path)
+    root = reg_path.parent
+    assert reg.resolve("data/calendar/train.jsonl") == root / "data/calendar/train.jsonl"
+    assert reg.resolve("/abs/claim/train.jsonl") == Path("/abs/claim/train.jsonl")
+    assert reg.router_dir == root / "runs/router"
+    # check_paths looks beside the registry, not in the cwd.
+    (elsewhere / "data/calendar").mkdir(parents=True)
+    (elsewhere / "data/calendar/train.jsonl").write_text("{}\n")
+    with pytest.raises(RegistryError, match=r"adapters\[0\]\.dataset"):
+        reg.check_paths(["calendar"])
+    (root / "data/calendar").mkdir(parents=True)
+    (root / "data/calendar/train.jsonl").write_text("{}\n")
+    reg.check_paths(["calendar"])
+    # A base_model that is an existing folder beside the registry resolves to it; hub ids stay.
+    assert reg.base_model == "Qwen/Qwen3-VL-8B-Instruct"
+    (root / "models/tiny").mkdir(parents=True)
+    local = load_text(root, TEXT.replace("Qwen/Qwen3-VL-8B-Instruct", "models/tiny"))
+    assert local.base_model == str(root / "models/tiny")
+
+
+def test_registry_given_by_relative_path_resolves_from_its_folder(reg_path, monkeypatch):
+    monkeypatch.chdir(reg_path.parent.parent)
+    reg = Registry.load(Path("project/registry.yaml"))
+    assert reg.resolve("data/x.jsonl") == Path("project/data/x.jsonl")
+
+
+def test_check_paths_names_the_missing_dataset_with_its_line(reg_path):
+    reg = Registry.load(reg_path)
+    with pytest.raises(RegistryError) as exc:
+        reg.check_paths()
+    msg = str(exc.value)
+    assert msg.startswith(f"{reg_path}:{line_of(TEXT, 'data/calendar/train.jsonl')}: adapters[0].dataset:")
+    assert "fix:" in msg
+
+
+# ---- saving ---------------------------------------------------------------------------------
+
+
+def test_save_round_trips_bytes_and_comments(reg_path):
+    reg = Registry.load(reg_path)
+    reg.save()
+    assert reg_path.read_text() == TEXT
+    new = reg.add_adapter(AdapterEntry(name="provider-select", plugin="vlrouter.adapters.provider_select",
+                                       dataset="data/provider-select/train.jsonl",
+                                       checkpoint="checkpoints/provider-select"))
+    assert reg_path.read_text() == TEXT  # add_adapter writes nothing
+    new.save()
+    text = reg_path.read_text()
+    for line in TEXT.splitlines():
+        assert line in text.splitlines(), line
+    lines = text.splitlines()
+    # The new entry sits after claim-window, and the comment heading `modal:` still heads it.
+    assert lines.index("  - name: provider-select") > lines.index("  - name: claim-window  # forms")
+    assert lines.index("# modal settings follow") == lines.index("modal:") - 1
+    assert lines.index("  - name: provider-select") < lines.index("# modal settings follow")
+    again = Registry.load(reg_path)
+    assert again.adapter_names == ["calendar", "claim-window", "provider-select"]
+    # ... and removing it gives back the original bytes.
+    again.remove_adapter("provider-select").save()
+    assert reg_path.read_text() == TEXT
+
+
+def test_removing_the_last_entry_keeps_the_comments_after_it(reg_path):
+    new = Registry.load(reg_path).remove_adapter("claim-window")
+    text = new.to_text()
+    assert "# modal settings follow\nmodal:" in text
+    assert new.adapter_names == ["calendar"]
+
+
+def test_save_is_atomic(reg_path, monkeypatch):
+    os.chmod(reg_path, 0o640)
+    reg = Registry.load(reg_path)
+    new = reg.add_adapter(AdapterEntry(name="x", dataset="d", checkpoint="c"))
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        new.save()
+    assert reg_path.read_text() == TEXT  # old bytes, never half of the new ones
+    assert os.listdir(reg_path.parent) == ["registry.yaml"]  # the temp file is gone
+    monkeypatch.undo()
+    new.save()
+    assert "name: x" in reg_path.read_text()
+    assert reg_path.stat().st_mode & 0o777 == 0o640  # permissions kept
+    assert os.listdir(reg_path.parent) == ["registry.yaml"]
+
+
+def test_save_to_another_path(reg_path, tmp_path):
+    out = tmp_path / "copy" / "registry.yaml"
+    Registry.load(reg_path).save(out)
+    assert out.read_text() == TEXT
+
+
+# ---- fingerprints ---------------------------------------------------------------------------
+
+
+def test_label_fingerprint_changes_with_order_and_set(reg_path, tmp_path):
+    reg = Registry.load(reg_path)
+    swapped_text = TEXT.replace("name: calendar", "name: TMP").replace("name: claim-window", "name: calendar") \
+                       .replace("name: TMP", "name: claim-window")
+    swapped = load_text(tmp_path, swapped_text)
+    assert swapped.adapter_names == ["claim-window", "calendar"]
+    assert reg.label_fingerprint() != swapped.label_fingerprint()
+    assert reg.label_fingerprint() == fingerprint_labels(["calendar", "claim-window"])
+    assert reg.label_fingerprint() == Registry.load(reg_path).label_fingerprint()  # stable
+    added = reg.add_adapter(AdapterEntry(name="provider-select", dataset="d", checkpoint="c"))
+    assert added.label_fingerprint() != reg.label_fingerprint()
+    # The full fingerprint also tracks datasets, pooling and layer; the label one does not.
+    moved = load_text(tmp_path, TEXT.replace("data/calendar/train.jsonl", "data/cal2.jsonl"))
+    assert moved.label_fingerprint() == reg.label_fingerprint()
+    assert moved.fingerprint() != reg.fingerprint()
+    last = load_text(tmp_path, TEXT.replace("pooling: mean", "pooling: last"))
+    assert last.fingerprint() != reg.fingerprint()
+
+
+# ---- validation and located errors -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5", "2"])
+def test_min_confidence_outside_unit_interval_is_an_error(tmp_path, value):
+    text = TEXT.replace("min_confidence: 0.25", f"min_confidence: {value}")
+    msg = error_of(tmp_path, text)
+    assert f"r.yaml:{line_of(text, 'min_confidence')}: router.min_confidence:" in msg
+    assert "fix:" in msg
+
+
+@pytest.mark.parametrize("value", ["0", "1", "0.0", "1.0"])
+def test_min_confidence_bounds_are_allowed(tmp_path, value):
+    assert load_text(tmp_path, TEXT.replace("min_confidence: 0.25", f"min_confidence: {value}"))
+
+
+LINE_CASES = {
+    # id: (old, new, needle for the expected line, field path in the message)
+    "unknown-top-key": ("train:\n", "trian:\n  epochs: 1\ntrain:\n", "trian:", "trian"),
+    "unknown-adapter-key": ("    checkpoint: checkpoints/claim-window", "    checkpoint: checkpoints/claim-window\n"
+                            "    weight: 2", "weight: 2", "adapters[1].weight"),
+    "typo-beats-missing": ("    dataset: /abs/claim/train.jsonl", "    datset: /abs/claim/train.jsonl",
+                           "datset:", "adapters[1].datset"),
+    "bad-type": ("epochs: 50", "epochs: lots", "epochs: lots", "train.epochs"),
+    "bad-literal": ("pooling: mean", "pooling: first", "pooling: first", "router.pooling"),
+    "bad-name": ("name: claim-window", "name: Claim_Window", "Claim_Window", "adapters[1].name"),
+    "duplicate-name": ("name: claim-window", "name: calendar", "name: calendar  # forms", "adapters[1].name"),
+    "fallback-unknown": ("fallback: base", "fallback: provider-select", "fallback:", "router.fallback"),
+    "missing-base-model": ("base_model: Qwen/Qwen3-VL-8B-Instruct  # hub id\n", "", None, "base_model"),
+}
+
+
+@pytest.mark.parametrize("case", list(LINE_CASES), ids=list(LINE_CASES))
+def test_errors_name_the_field_and_the_right_line(tmp_path, case):
+    old, new, needle, field = LINE_CASES[case]
+    text = TEXT.replace(old, new, 1)
+    assert text != TEXT
+    msg = error_of(tmp_path, text)
+    where = f"r.yaml:{line_of(text, needle)}: " if needle else "r.yaml: "
+    assert msg.startswith(where + field + ":"), msg
+    assert "\n" not in msg and "(fix: " in msg
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    msg = error_of(tmp_path, TEXT.replace("    dataset: /abs", "    datset: /abs"))
+    assert "unknown key 'datset'" in msg and "'dataset'" in msg
+
+
+@pytest.mark.parametrize("text,line,problem", [
+    ("base_model: x\nrouter:\n  dir: [a\n  pooling: mean\n", 4, "YAML syntax error"),
+    ("base_model: x\n\tadapters: []\n", 2, "YAML syntax error"),
+    ("- a\n- b\n", 1, "top level is a list"),
+    ("42\n", 1, "top level is a int"),
+])
+def test_yaml_level_errors_have_a_line(tmp_path, text, line, problem):
+    msg = error_of(tmp_path, text)
+    assert msg.startswith(f"r.yaml:{line}: ") and problem in msg
+
+
+@pytest.mark.parametrize("text", ["", "   \n\n", "# only a comment\n"])
+def test_empty_files_are_errors(tmp_path, text):
+    msg = error_of(tmp_path, text)
+    assert msg.startswith("r.yaml: ") and ("empty" in msg or "no YAML document" in msg)
+
+
+def test_empty_adapters_list_is_fine_and_can_grow(tmp_path):
+    for body in ("adapters: []\n", "adapters:\n"):
+        reg = load_text(tmp_path, "base_model: m\n" + body)
+        assert reg.adapter_names == []
+        new = reg.add_adapter(AdapterEntry(name="calendar", dataset="d", checkpoint="c"))
+        assert new.adapter_names == ["calendar"]
+        assert "  - name: calendar\n" in new.to_text()
+
+
+def test_edits_are_validated_before_anything_is_written(reg_path):
+    reg = Registry.load(reg_path)
+    with pytest.raises(RegistryError, match=r"adapters\[0\]\.name: adapter 'calendar' is already registered"):
+        reg.add_adapter(AdapterEntry(name="calendar", dataset="d", checkpoint="c"))
+    with pytest.raises(RegistryError, match=r"no adapter named 'calender'; did you mean 'calendar'"):
+        reg.remove_adapter("calender")
+    fb = load_text(reg_path.parent, TEXT.replace("fallback: base", "fallback: calendar"))
+    with pytest.raises(RegistryError, match=r"router\.fallback"):
+        fb.remove_adapter("calendar")
+    assert reg_path.read_text() == TEXT
+
+
+def test_adapter_entry_rejects_bad_names():
+    with pytest.raises(ValueError, match=r"\[a-z0-9\]"):
+        AdapterEntry(name="-leading-dash", dataset="d", checkpoint="c")
