@@ -92,3 +92,7 @@ class BackendError(RouterError):
 
 class InputError(RouterError):
     """A bad argument from a caller: empty prompt, unknown adapter name, bad option value."""
+
+
+class LowConfidenceError(RouterError):
+    """The router's confidence was below ``router.min_confidence`` and ``router.fallback`` is ``error``."""
