@@ -1,0 +1,332 @@
+"""Content-addressed feature cache: embed only what is missing.
+
+This replaces the seed's preprocessing step, which saved one ``.pt`` pickle per
+sample holding the full processor output (``input_ids``, ``pixel_values``, …) and
+ran the encoder again on every training run. Here the *pooled feature* -- ``H``
+floats (4096 for Qwen3-VL-8B) instead of a pixel tensor of megabytes -- is stored,
+once, under a key that names exactly what produced it::
+
+    key = sha256(encoder.fingerprint(), image_digest(decoded pixels), prompt)
+    <cache_dir>/<encoder_fp>/<key[:2]>/<key>.safetensors     (one tensor "feature" [H], fp32)
+
+so the same screenshot + instruction is never embedded twice: not on a re-run, not
+after an interrupted run (entries are written atomically, temp file + ``os.replace``,
+so a crash leaves whole entries or none), not when an adapter is added (only its
+samples are new), not across routing datasets. Anything that changes a feature --
+base weights, processor settings, pooling, layer, dtype -- changes the encoder
+fingerprint and so the folder.
+
+Two stages, kept apart so a remote backend can fan the CPU stage out:
+
+* :func:`prepare_shard` -- CPU only: decode images, chat template, image processor,
+  tokenizer; per-sample tensors. Runs in a pool of ``workers`` processes (spawn
+  context; each loads the processor once in its initializer).
+* the forward + pooling in the main process (:meth:`Encoder.embed_prepared`) on
+  batches built by :func:`collate` (left padding, identical to processing the batch
+  at once).
+
+:func:`embed_dataset` drives both and returns features in sample order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vlrouter.core.errors import ImageError, InputError, located
+from vlrouter.core.progress import Progress, progress_or_null
+
+if TYPE_CHECKING:
+    import torch
+
+    from vlrouter.core.data import Sample
+    from vlrouter.core.encoder import Encoder
+
+FEATURE_TENSOR = "feature"
+SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+MP_CONTEXT = "spawn"  # never fork a process that holds torch threads / a model
+
+
+def feature_key(encoder_fp: str, image_digest: str, prompt: str) -> str:
+    """The cache key of one sample under one encoder."""
+    h = hashlib.sha256()
+    for part in (encoder_fp, image_digest, prompt):
+        b = part.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """One folder per encoder fingerprint; one safetensors file per sample feature."""
+
+    def __init__(self, root: str | Path, encoder_fp: str) -> None:
+        self.root = Path(root)
+        self.encoder_fp = encoder_fp
+        self.dir = self.root / encoder_fp
+
+    def path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.safetensors"
+
+    def has(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """The feature, or None when absent or unreadable (then it is simply embedded again)."""
+        from safetensors.torch import load_file
+
+        p = self.path(key)
+        if not p.is_file():
+            return None
+        try:
+            return load_file(str(p))[FEATURE_TENSOR]
+        except Exception:
+            return None
+
+    def put(self, key: str, feature: torch.Tensor, *, meta: dict[str, str] | None = None) -> Path:
+        """Write one entry atomically (temp file in the same folder, then ``os.replace``)."""
+        from safetensors.torch import save_file
+
+        p = self.path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key[:8]}.", suffix=".tmp", dir=p.parent)
+        os.close(fd)
+        try:
+            save_file({FEATURE_TENSOR: feature.detach().float().cpu().contiguous()}, tmp,
+                      metadata={"encoder": self.encoder_fp, **(meta or {})})
+            os.replace(tmp, p)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        return p
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.dir.glob("*/*.safetensors")) if self.dir.is_dir() else 0
+
+
+# ---- the CPU stage (also run in worker processes) ------------------------------------------
+
+_PROCESSORS: dict[tuple[str, str | None], Any] = {}
+
+
+def _processor_for(base_model: str, revision: str | None = None):
+    key = (base_model, revision)
+    if key not in _PROCESSORS:
+        from vlrouter.core.encoder import load_processor
+
+        _PROCESSORS[key] = load_processor(base_model, revision=revision)
+    return _PROCESSORS[key]
+
+
+def _worker_init(base_model: str, revision: str | None) -> None:
+    """Pool initializer: one torch thread per worker, processor loaded once."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+    except Exception:
+        pass
+    _processor_for(base_model, revision)
+
+
+def _open(sample: Sample):
+    from vlrouter.core.images import open_image
+
+    try:
+        return open_image(sample.image, where=f"{sample.source} image")
+    except ImageError as e:
+        raise ImageError(f"{e} (the image changed since the routing dataset was built; "
+                         "fix: restore it, or run `router build-dataset` again to skip it)") from None
+
+
+def digest_shard(samples: Sequence[Sample]) -> list[str]:
+    """Pixel digests (:func:`vlrouter.core.images.image_digest`) of each sample's image."""
+    from vlrouter.core.images import image_digest
+
+    return [image_digest(_open(s)) for s in samples]
+
+
+def prepare_shard(base_model: str, samples: Sequence[Sample], *, revision: str | None = None,
+                  processor=None) -> list[dict[str, torch.Tensor]]:
+    """CPU stage for a shard: per-sample processor outputs (each with batch dim 1).
+
+    Loads the processor for ``base_model`` once per process (or uses ``processor``).
+    :func:`collate` turns any list of these into a model batch.
+    """
+    from vlrouter.core.encoder import build_inputs
+
+    proc = processor if processor is not None else _processor_for(base_model, revision)
+    out = []
+    for s in samples:
+        batch = build_inputs(proc, [_open(s)], [s.prompt])
+        out.append({k: v for k, v in batch.items()})
+    return out
+
+
+def collate(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad the sequence tensors and concatenate the image tensors of per-sample outputs.
+
+    Equal to processing the samples as one batch with the processor (left padding).
+    """
+    import torch
+
+    if not items:
+        raise InputError("collate: no items")
+    longest = max(int(it["input_ids"].shape[1]) for it in items)
+    out: dict[str, torch.Tensor] = {}
+    for key in items[0]:
+        tensors = [it[key] for it in items]
+        if key in SEQ_KEYS:
+            pad = pad_token_id if key == "input_ids" else 0
+            rows = []
+            for t in tensors:
+                missing = longest - t.shape[1]
+                if missing:
+                    t = torch.cat([torch.full((t.shape[0], missing), pad, dtype=t.dtype), t], dim=1)
+                rows.append(t)
+            out[key] = torch.cat(rows, dim=0)
+        else:
+            out[key] = torch.cat(tensors, dim=0)
+    return out
+
+
+# ---- driving both stages -------------------------------------------------------------------
+
+def _chunks(seq: Sequence, size: int) -> list[Sequence]:
+    return [seq[i:i + size] for i in range(0, len(seq), size)]
+
+
+def _ordered_map(pool: Executor | None, fn, jobs: Iterable[tuple], window: int):
+    """Yield ``fn(*job)`` in order; with a pool, keep at most ``window`` jobs in flight."""
+    if pool is None:
+        for job in jobs:
+            yield fn(*job)
+        return
+    pending: deque = deque()
+    for job in jobs:
+        pending.append(pool.submit(fn, *job))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def make_pool(encoder: Encoder, workers: int) -> ProcessPoolExecutor | None:
+    """A spawn-context process pool whose workers hold ``encoder``'s processor; None for 1 worker."""
+    import multiprocessing as mp
+
+    if workers <= 1:
+        return None
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(MP_CONTEXT),
+                               initializer=_worker_init, initargs=(encoder.base_model, encoder.revision))
+
+
+def _prepare_job(base_model: str, revision: str | None, samples: Sequence[Sample]):
+    return prepare_shard(base_model, samples, revision=revision)
+
+
+def sample_keys(encoder: Encoder, samples: Sequence[Sample], *, pool: Executor | None = None, workers: int = 1,
+                progress: Progress | None = None, chunk: int = 16, encoder_fp: str | None = None) -> list[str]:
+    """Cache keys of ``samples`` (decodes every image once, in the pool when given)."""
+    fp = encoder_fp or encoder.fingerprint()
+    prog = progress_or_null(progress)
+    keys: list[str] = []
+    with prog.task("hashing screenshots", total=len(samples)) as t:
+        chunks = _chunks(list(samples), chunk)
+        for part, digests in zip(chunks, _ordered_map(pool, digest_shard, ((c,) for c in chunks),
+                                                      window=4 * workers)):
+            keys.extend(feature_key(fp, d, s.prompt) for s, d in zip(part, digests))
+            t.advance(len(part))
+    return keys
+
+
+def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCache | str | Path, *,
+                  workers: int = 1, batch_size: int = 8,
+                  progress: Progress | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Features ``[N, H]`` (fp32, sample order) for ``samples``, embedding only cache misses.
+
+    ``cache`` is a :class:`FeatureCache` for this encoder's fingerprint, or the cache
+    root folder. Image decoding, hashing and the processor run in ``workers``
+    processes (in-process for 1); the forward runs here, ``batch_size`` samples at a
+    time, and each entry is written as soon as its batch is done (an interrupted run
+    resumes). Stats: ``embedded_new`` (samples not in the cache at the start),
+    ``reused_cached`` (samples found), ``forwarded`` (distinct entries computed),
+    ``seconds``.
+    """
+    import torch
+
+    if batch_size < 1 or workers < 1:
+        raise InputError(f"batch_size and workers must be >= 1 (got {batch_size}, {workers})")
+    t0 = time.perf_counter()
+    fp = encoder.fingerprint()
+    if not isinstance(cache, FeatureCache):
+        cache = FeatureCache(cache, fp)
+    elif cache.encoder_fp != fp:
+        raise InputError(f"feature cache {cache.dir} belongs to encoder {cache.encoder_fp}, not {fp} "
+                         "(fix: FeatureCache(root, encoder.fingerprint()))")
+    prog = progress_or_null(progress)
+    samples = list(samples)
+    pool = make_pool(encoder, workers) if samples else None
+    try:
+        keys = sample_keys(encoder, samples, pool=pool, workers=workers, progress=progress, encoder_fp=fp)
+        missing: dict[str, Sample] = {}
+        n_new = 0
+        for s, k in zip(samples, keys):
+            if not cache.has(k):
+                n_new += 1
+                missing.setdefault(k, s)
+        todo = list(missing.items())
+        if todo:
+            pad_id = encoder.processor.tokenizer.pad_token_id or 0
+            chunks = _chunks(todo, batch_size)
+            jobs = ((encoder.base_model, encoder.revision, [s for _, s in c]) for c in chunks)
+            if pool is None:
+                run = lambda bm, rev, ss: prepare_shard(bm, ss, processor=encoder.processor)  # noqa: E731
+            else:
+                run = _prepare_job
+            with prog.task("embedding new samples", total=len(todo)) as t:
+                for part, prepared in zip(chunks, _ordered_map(pool, run, jobs, window=2 * workers)):
+                    feats = encoder.embed_prepared(collate(prepared, pad_id))
+                    for (k, s), f in zip(part, feats):
+                        cache.put(k, f, meta={"id": s.id})
+                    t.advance(len(part))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    rows = []
+    for s, k in zip(samples, keys):
+        f = cache.get(k)
+        if f is None:  # removed or damaged under our feet: compute it now, in-process
+            f = encoder.embed_prepared(collate(prepare_shard(encoder.base_model, [s], processor=encoder.processor),
+                                               encoder.processor.tokenizer.pad_token_id or 0))[0]
+            cache.put(k, f, meta={"id": s.id})
+        rows.append(f)
+    feats = torch.stack(rows) if rows else torch.zeros(0, encoder.hidden_size)
+    stats = {"embedded_new": n_new, "reused_cached": len(samples) - n_new, "forwarded": len(todo),
+             "seconds": round(time.perf_counter() - t0, 3), "workers": workers}
+    prog.log(f"features: embedded {stats['embedded_new']} new, reused {stats['reused_cached']} cached")
+    return feats, stats
+
+
+def check_features(feats: torch.Tensor, where: str | Path) -> None:
+    """Refuse NaN/inf features (a broken base model or dtype overflow) before training on them."""
+    import torch
+
+    if feats.numel() and not torch.isfinite(feats).all():
+        bad = int((~torch.isfinite(feats)).any(dim=1).sum())
+        raise InputError(located(where, None, f"{bad} feature rows contain NaN/inf",
+                                 fix="load the base model in float32 (router.dtype: float32)"))
