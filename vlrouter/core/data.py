@@ -441,9 +441,13 @@ def build_routing_dataset(registry: Registry, out_root: str | Path, *, train_sam
                 path = registry.resolve(entry.dataset)
                 samples, skipped = read_adapter_dataset(path, adapter=entry.name, verify_images=False)
                 rng = random.Random(f"vlrouter:{seed}:{entry.name}")
-                want_pool = len(samples) if train_samples is None else min(train_samples, len(samples))
-                drawn = _draw(samples, want_pool + eval_samples, rng, skipped)
-                pool, held = drawn[:want_pool], drawn[want_pool:]
+                if train_samples is None:  # all of it: the held-out eval samples first come off the end
+                    drawn = _draw(samples, len(samples), rng, skipped)
+                    n_eval = min(eval_samples, max(0, len(drawn) - 2))
+                else:
+                    drawn = _draw(samples, train_samples + eval_samples, rng, skipped)
+                    n_eval = max(0, len(drawn) - train_samples)
+                pool, held = drawn[:len(drawn) - n_eval], drawn[len(drawn) - n_eval:]
                 if skipped:
                     prog.log(skipped.summary())
                 if len(pool) < 2:
