@@ -429,8 +429,8 @@ def _fake_train(monkeypatch, behaviour):
 
     calls = []
 
-    def run_retrain(registry, *, overrides, force, progress):
-        calls.append({"registry": registry, "overrides": overrides, "force": force,
+    def run_retrain(registry, *, overrides, force, progress, backend=None):
+        calls.append({"registry": registry, "overrides": overrides, "force": force, "backend": backend,
                       "file_at_call": registry.path.read_text()})
         return behaviour(registry)
 
@@ -442,11 +442,13 @@ def _fake_train(monkeypatch, behaviour):
 
 def test_add_adapter_retrains_before_saving(ws, monkeypatch):
     calls = _fake_train(monkeypatch, lambda reg: _Result())
-    res = run("add-adapter", "provider-select", "--epochs", "3", "--lr", "0.01", "--force", ws=ws)
+    res = run("add-adapter", "provider-select", "--epochs", "3", "--lr", "0.01", "--force", "--backend", "local",
+              ws=ws)
     assert res.exit_code == 0, res.output
     (call,) = calls
     assert call["registry"].adapter_names == ["calendar", "claim-window", "provider-select"]
     assert call["overrides"] == {"epochs": 3, "lr": 0.01} and call["force"] is True
+    assert call["backend"] == "local"
     assert "provider-select" not in call["file_at_call"]  # not written before training succeeded
     assert "name: provider-select" in (ws / "registry.yaml").read_text()
     assert "val acc 0.900" in res.stdout and "embedded 4 new, reused 5 cached" in res.stdout
@@ -482,6 +484,18 @@ def test_registry_edited_during_retrain_is_not_overwritten(ws, monkeypatch):
     _fake_train(monkeypatch, behaviour)
     res = run("add-adapter", "provider-select", ws=ws)
     assert res.exit_code == 1
-    assert "changed on disk" in res.stderr
+    assert "changed on disk" in res.stderr and "already live" in res.stderr
     text = (ws / "registry.yaml").read_text()
     assert "# edited meanwhile" in text and "provider-select" not in text
+
+
+def test_status_base_model_local_folder_written_or_resolved_is_not_stale(ws):
+    (ws / "models" / "tiny").mkdir(parents=True)
+    (ws / "registry.yaml").write_text(REGISTRY.replace("Qwen/Qwen3-VL-8B-Instruct", "models/tiny"))
+    names = ["calendar", "claim-window"]
+    for recorded in ("models/tiny", str(ws / "models" / "tiny")):
+        _write_router(ws, names, base_model=recorded)
+        assert status_json(ws)["router"]["state"] == "ok", recorded
+    _write_router(ws, names, base_model="Qwen/Qwen3-VL-2B-Instruct")
+    st = status_json(ws)["router"]
+    assert st["state"] == "stale" and "base_model" in st["reason"] and "Qwen3-VL-2B" in st["reason"]

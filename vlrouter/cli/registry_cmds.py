@@ -47,15 +47,17 @@ def _load(registry: Path) -> tuple[Registry, bytes]:
     return reg, reg.path.read_bytes()
 
 
-def _save(new: Registry, before: bytes) -> None:
+def _save(new: Registry, before: bytes, *, retrained: bool = False) -> None:
     """Atomic save, refused when someone else changed the file since we read it."""
     try:
         now = new.path.read_bytes()
     except OSError:
         now = None
     if now != before:
-        raise RegistryError(located(new.path, None, "the file changed on disk while this command ran; not "
-                                    "overwriting it", fix="run the command again"))
+        after = (f"; the router retrained for {', '.join(new.adapter_names)} is already live, so it is stale "
+                 "against the file until you run the command again") if retrained else ""
+        raise RegistryError(located(new.path, None, f"the file changed on disk while this command ran; not "
+                                    f"overwriting it{after}", fix="run the command again"))
     new.save()
 
 
@@ -107,14 +109,15 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     return {k: v for k, v in flags.items() if v is not None}
 
 
-def _retrain(new: Registry, *, overrides: dict[str, Any], force: bool):
+def _retrain(new: Registry, *, overrides: dict[str, Any], force: bool, backend: str | None):
     """Train and promote a router for the in-memory registry ``new``. Does not write registry.yaml."""
     try:
         from vlrouter.core.train import run_retrain
     except ImportError as e:
         raise TrainingError(f"retraining is not available in this install ({e}) "
                             "(fix: pass --no-retrain, then `router retrain` once training is installed)") from None
-    result = run_retrain(new, overrides=overrides, force=force, progress=RichProgress())
+    kwargs: dict[str, Any] = {"backend": backend} if backend is not None else {}
+    result = run_retrain(new, overrides=overrides, force=force, progress=RichProgress(), **kwargs)
     if not getattr(result, "promoted", True):
         msg = getattr(result, "message", "") or "the eval gate kept the live router"
         raise TrainingError(located(new.router_dir, None, f"the new router was not promoted: {msg}; "
@@ -135,15 +138,15 @@ def _report_retrain(result) -> None:
     if new_emb is not None and reused is not None:
         bits.append(f"embedded {new_emb} new, reused {reused} cached")
     console.print(f"router retrained and promoted: {escape(str(getattr(result, 'router_dir', '')))}"
-                  + (f" ({', '.join(bits)})" if bits else ""), highlight=False)
+                  + (f" ({', '.join(bits)})" if bits else ""), highlight=False, soft_wrap=True)
 
 
 def _stale_hint(reg: Registry) -> None:
     if (reg.router_dir / "router.json").is_file():
         console.print("the router is now stale (trained for another label set): run `router retrain`",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
     else:
-        console.print("no router trained yet: run `router retrain`", highlight=False)
+        console.print("no router trained yet: run `router retrain`", highlight=False, soft_wrap=True)
 
 
 def _router_state(reg: Registry) -> dict[str, Any]:
@@ -162,8 +165,13 @@ def _router_state(reg: Registry) -> dict[str, Any]:
         return out
     out.update(adapters=list(meta.adapters), created_at=meta.created_at, val_acc=meta.best_acc,
                base_model=meta.base_model, pooling=meta.pooling, layer=meta.layer)
-    # A router may record the registry's base_model as written or as resolved to a local folder.
-    base = meta.base_model if meta.base_model in (reg.model.base_model, reg.base_model) else reg.model.base_model
+    # A router may record the registry's base_model as written, or resolved to a local folder
+    # (relative to the cwd of the run that trained it, or absolute): all name the same model.
+    raw = reg.model.base_model
+    same = meta.base_model in (raw, reg.base_model) or (
+        reg.resolve(raw).exists() and Path(meta.base_model).is_absolute()
+        and os.path.realpath(meta.base_model) == os.path.realpath(reg.resolve(raw)))
+    base = meta.base_model if same else raw
     try:
         check_compatible(meta, adapters=reg.adapter_names, base_model=base, pooling=reg.model.router.pooling,
                          layer=reg.model.router.layer, where=d / "router.json")
@@ -212,7 +220,7 @@ def plugins_cmd(
     available = [n for n in specs if n not in registered]
     if available:
         console.print("available to add: " + ", ".join(available) + "  (`router add-adapter NAME`)",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
 
 
 # ---- router status -------------------------------------------------------------------------
@@ -248,7 +256,7 @@ def status_cmd(
         return
 
     console.print(f"registry: {escape(str(reg.path))}   base model: {escape(reg.model.base_model)}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     table = Table(title=f"adapters ({len(adapters)})", title_justify="left")
     table.add_column("label", justify="right")
     table.add_column("name")
@@ -267,20 +275,20 @@ def status_cmd(
     state = router["state"]
     head = f"router: {escape(router['dir'])}: "
     if state == "missing":
-        console.print(head + "[yellow]missing[/] (train one with `router retrain`)", highlight=False)
+        console.print(head + "[yellow]missing[/] (train one with `router retrain`)", highlight=False, soft_wrap=True)
         return
     if state == "unreadable":
-        console.print(head + f"[red]unreadable[/]: {escape(router['reason'])}", highlight=False)
+        console.print(head + f"[red]unreadable[/]: {escape(router['reason'])}", highlight=False, soft_wrap=True)
         return
     acc = router.get("val_acc")
     line = f"{len(router['adapters'])} adapters ({', '.join(router['adapters'])}), created {router.get('created_at')}"
     if acc is not None:
         line += f", val acc {acc:.3f}"
-    console.print(head + line, highlight=False)
+    console.print(head + line, highlight=False, soft_wrap=True)
     if state == "stale":
-        console.print(f"[bold yellow]STALE[/]: {escape(router['reason'])}", highlight=False)
+        console.print(f"[bold yellow]STALE[/]: {escape(router['reason'])}", highlight=False, soft_wrap=True)
     else:
-        console.print("[green]up to date[/] with the registry's adapters", highlight=False)
+        console.print("[green]up to date[/] with the registry's adapters", highlight=False, soft_wrap=True)
 
 
 # ---- router add-adapter / remove-adapter -----------------------------------------------------
@@ -361,13 +369,13 @@ def add_adapter_cmd(
     source = f"plugin {plugin_value}" if plugin_value else "generic JSONL adapter"
     if no_retrain:
         _save(new, before)
-        console.print(f"added {name!r} as label {label} ({source}) to {escape(str(new.path))}", highlight=False)
+        console.print(f"added {name!r} as label {label} ({source}) to {escape(str(new.path))}", highlight=False, soft_wrap=True)
         _stale_hint(new)
     else:
-        result = _retrain(new, overrides=_overrides(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
-                                                    backend=backend), force=force)
-        _save(new, before)
-        console.print(f"added {name!r} as label {label} ({source}) to {escape(str(new.path))}", highlight=False)
+        result = _retrain(new, overrides=_overrides(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience),
+                          force=force, backend=backend)
+        _save(new, before, retrained=True)
+        console.print(f"added {name!r} as label {label} ({source}) to {escape(str(new.path))}", highlight=False, soft_wrap=True)
         _report_retrain(result)
     if not _is_peft_dir(new.resolve(ck_value)):
         err_console.print(f"[yellow]note:[/] checkpoint {escape(str(new.resolve(ck_value)))} has no "
@@ -400,16 +408,16 @@ def remove_adapter_cmd(
     if no_retrain or len(remaining) < 2:
         _save(new, before)
         console.print(f"removed {name!r} (was label {label}); {len(remaining)} adapters left: "
-                      f"{', '.join(remaining) or 'none'}", highlight=False)
+                      f"{', '.join(remaining) or 'none'}", highlight=False, soft_wrap=True)
         if len(remaining) < 2 and not no_retrain:
-            console.print("fewer than two adapters left: nothing to route between, so no retrain", highlight=False)
+            console.print("fewer than two adapters left: nothing to route between, so no retrain", highlight=False, soft_wrap=True)
         _stale_hint(new)
         return
-    result = _retrain(new, overrides=_overrides(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
-                                                backend=backend), force=force)
-    _save(new, before)
+    result = _retrain(new, overrides=_overrides(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience),
+                      force=force, backend=backend)
+    _save(new, before, retrained=True)
     console.print(f"removed {name!r} (was label {label}); {len(remaining)} adapters left: {', '.join(remaining)}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     _report_retrain(result)
 
 
@@ -456,4 +464,4 @@ def tiny_model_cmd(
         out = build_tiny_model(out_dir, preset)
     n = _safetensors_parameters(Path(out))
     console.print(f"wrote a random Qwen3-VL (preset {preset}, {n:,} parameters) to {escape(str(out))}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
