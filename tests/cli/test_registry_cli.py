@@ -499,3 +499,63 @@ def test_status_base_model_local_folder_written_or_resolved_is_not_stale(ws):
     _write_router(ws, names, base_model="Qwen/Qwen3-VL-2B-Instruct")
     st = status_json(ws)["router"]
     assert st["state"] == "stale" and "base_model" in st["reason"] and "Qwen3-VL-2B" in st["reason"]
+
+
+def _module_plugin(monkeypatch, modname: str, declares: str | None):
+    import types
+
+    from vlrouter import AdapterSpec, hookimpl
+
+    mod = types.ModuleType(modname)
+    if declares:
+        @hookimpl
+        def register_adapters(register):
+            register(AdapterSpec(name=declares, dataset=f"data/{declares}/train.jsonl",
+                                 checkpoint=f"checkpoints/{declares}"))
+
+        mod.register_adapters = register_adapters
+
+    @hookimpl
+    def parse_action(adapter, text):
+        return None
+
+    mod.parse_action = parse_action
+    monkeypatch.setitem(sys.modules, modname, mod)
+    return mod
+
+
+def test_plugin_option_declaring_the_adapter_gives_its_defaults(ws, monkeypatch):
+    _module_plugin(monkeypatch, "tests_cli_forms_plugin", "invoice-form")
+    (ws / "data" / "invoice-form").mkdir()
+    (ws / "data" / "invoice-form" / "train.jsonl").write_text(SAMPLE)
+    res = run("add-adapter", "invoice-form", "--plugin", "tests_cli_forms_plugin", "--no-retrain", ws=ws)
+    assert res.exit_code == 0, res.output
+    assert ("  - name: invoice-form\n    plugin: tests_cli_forms_plugin\n"
+            "    dataset: data/invoice-form/train.jsonl\n") in (ws / "registry.yaml").read_text()
+    # The written `plugin:` is what later commands load.
+    rows = {r["name"]: r for r in json.loads(run("plugins", "--json", ws=ws).stdout)["plugins"]}
+    assert rows["tests_cli_forms_plugin"]["adapters"] == ["invoice-form"]
+
+
+def test_plugin_option_for_a_generic_adapter_is_written(ws, monkeypatch):
+    _module_plugin(monkeypatch, "tests_cli_parser_only", None)
+    res = run("add-adapter", "notes", "--plugin", "tests_cli_parser_only", "--dataset",
+              str(ws / "data/calendar/train.jsonl"), "--checkpoint", str(ws / "ck"), "--no-retrain", ws=ws)
+    assert res.exit_code == 0, res.output
+    assert "plugin: tests_cli_parser_only" in (ws / "registry.yaml").read_text()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["add-adapter", "invoice-form", "--plugin", "no_such_vlrouter_plugin_mod", "--no-retrain"],
+     ["--plugin", "no_such_vlrouter_plugin_mod"]),
+    (["add-adapter", "notes", "--dataset", "data/calendar/train.jsonl", "--no-retrain"],
+     ["adapters[2].name", "--dataset and --checkpoint", "add --checkpoint"]),
+], ids=["plugin-does-not-import", "generic-needs-both-paths"])
+def test_more_add_adapter_errors(ws, args, expected):
+    before = (ws / "registry.yaml").read_bytes()
+    res = run(*args, ws=ws)
+    assert res.exit_code == 1
+    assert len(res.stderr.strip().splitlines()) == 1
+    for s in expected:
+        assert s in res.stderr, (s, res.stderr)
+    assert (ws / "registry.yaml").read_bytes() == before
