@@ -37,10 +37,11 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vlrouter.core.errors import ImageError, InputError, located
+from vlrouter.core.errors import ImageError, InputError, TrainingError, located
 from vlrouter.core.progress import Progress, progress_or_null
 
 if TYPE_CHECKING:
@@ -52,6 +53,9 @@ if TYPE_CHECKING:
 FEATURE_TENSOR = "feature"
 SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 MP_CONTEXT = "spawn"  # never fork a process that holds torch threads / a model
+# Worker processes start only for at least this many samples to decode/process: each
+# spawned worker imports torch + transformers (seconds), more than small batches cost.
+POOL_MIN_SAMPLES = 32
 
 
 def feature_key(encoder_fp: str, image_digest: str, prompt: str) -> str:
@@ -261,7 +265,8 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
 
     ``cache`` is a :class:`FeatureCache` for this encoder's fingerprint, or the cache
     root folder. Image decoding, hashing and the processor run in ``workers``
-    processes (in-process for 1); the forward runs here, ``batch_size`` samples at a
+    processes (in-process for 1, or while fewer than :data:`POOL_MIN_SAMPLES` samples
+    need it: worker start-up costs seconds); the forward runs here, ``batch_size`` samples at a
     time, and each entry is written as soon as its batch is done (an interrupted run
     resumes). Stats: ``embedded_new`` (samples not in the cache at the start),
     ``reused_cached`` (samples found), ``forwarded`` (distinct entries computed),
@@ -280,9 +285,18 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
                          "(fix: FeatureCache(root, encoder.fingerprint()))")
     prog = progress_or_null(progress)
     samples = list(samples)
-    pool = make_pool(encoder, workers) if samples else None
+    pool: ProcessPoolExecutor | None = None
+
+    def pool_for(n: int) -> ProcessPoolExecutor | None:
+        nonlocal pool
+        if pool is None and workers > 1 and n >= POOL_MIN_SAMPLES:
+            pool = make_pool(encoder, workers)
+        return pool
+
+    todo: list[tuple[str, Sample]] = []
     try:
-        keys = sample_keys(encoder, samples, pool=pool, workers=workers, progress=progress, encoder_fp=fp)
+        keys = sample_keys(encoder, samples, pool=pool_for(len(samples)), workers=workers, progress=progress,
+                           encoder_fp=fp)
         missing: dict[str, Sample] = {}
         n_new = 0
         for s, k in zip(samples, keys):
@@ -294,16 +308,21 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
             pad_id = encoder.processor.tokenizer.pad_token_id or 0
             chunks = _chunks(todo, batch_size)
             jobs = ((encoder.base_model, encoder.revision, [s for _, s in c]) for c in chunks)
-            if pool is None:
+            stage_pool = pool_for(len(todo))
+            if stage_pool is None:
                 run = lambda bm, rev, ss: prepare_shard(bm, ss, processor=encoder.processor)  # noqa: E731
             else:
                 run = _prepare_job
             with prog.task("embedding new samples", total=len(todo)) as t:
-                for part, prepared in zip(chunks, _ordered_map(pool, run, jobs, window=2 * workers)):
+                for part, prepared in zip(chunks, _ordered_map(stage_pool, run, jobs, window=2 * workers)):
                     feats = encoder.embed_prepared(collate(prepared, pad_id))
                     for (k, s), f in zip(part, feats):
                         cache.put(k, f, meta={"id": s.id})
                     t.advance(len(part))
+    except BrokenProcessPool as e:
+        raise TrainingError(f"a feature worker process died ({e}); entries embedded so far are kept "
+                            "(fix: run again with train.workers: 1; in your own script, call this under "
+                            "`if __name__ == '__main__':`, which spawned workers need)") from None
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -317,7 +336,7 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
         rows.append(f)
     feats = torch.stack(rows) if rows else torch.zeros(0, encoder.hidden_size)
     stats = {"embedded_new": n_new, "reused_cached": len(samples) - n_new, "forwarded": len(todo),
-             "seconds": round(time.perf_counter() - t0, 3), "workers": workers}
+             "seconds": round(time.perf_counter() - t0, 3), "workers": workers if pool is not None else 1}
     prog.log(f"features: embedded {stats['embedded_new']} new, reused {stats['reused_cached']} cached")
     return feats, stats
 
