@@ -1,0 +1,485 @@
+"""Driving the Modal app from this machine: credentials, upload, the remote steps, download.
+
+:func:`retrain_modal` is the ``modal`` backend's ``retrain``. In order:
+
+1. Credentials, before anything else (no import of torch, nothing written): a Modal
+   token from ``MODAL_TOKEN_ID`` + ``MODAL_TOKEN_SECRET`` or the Modal config file
+   (``~/.modal.toml``, or ``MODAL_CONFIG_PATH``), read with Modal's own config reader.
+   None: :class:`BackendError` naming ``modal token new``, at once.
+2. "Connecting to Modal…", then a TCP probe of Modal's API servers bounded by
+   ``VLROUTER_MODAL_CONNECT_TIMEOUT`` seconds (default 10): Modal's client itself
+   retries an unreachable server for about a minute before it gives up.
+3. Inside ``modal.enable_output()`` and ``app.run()``: build the routing dataset here
+   (the seed's step 1), upload it with its screenshots to the data volume (step 2),
+   ``process_shard`` over ``modal.cpu_shards`` CPU containers (step 3), ``embed`` and
+   ``train`` on a GPU (step 4), then download the candidate router from the output
+   volume into a fresh version folder beside the live router.
+4. Return the candidate: :func:`vlrouter.core.train.run_retrain` applies the same eval
+   gate and atomic promotion as for the local backend. The live router's accuracy on
+   the same validation features is measured here (the live router is on this machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from vlrouter.core.errors import BackendError, RouterError, located
+from vlrouter.core.progress import Progress, progress_or_null
+
+if TYPE_CHECKING:
+    from vlrouter.backends.base import RetrainRequest, RetrainResult
+    from vlrouter.core.registry import Registry
+
+APP_MODULE = "vlrouter.backends.modal_app"
+# The app module reads its settings from these at import time (see modal_app's docstring).
+ENV_APP = "VLROUTER_MODAL_APP"
+ENV_DATA_VOLUME = "VLROUTER_MODAL_DATA_VOLUME"
+ENV_OUTPUT_VOLUME = "VLROUTER_MODAL_OUTPUT_VOLUME"
+ENV_CHECKPOINTS_VOLUME = "VLROUTER_MODAL_CHECKPOINTS_VOLUME"
+ENV_GPU = "VLROUTER_MODAL_GPU"
+CONNECT_TIMEOUT_ENV = "VLROUTER_MODAL_CONNECT_TIMEOUT"
+DEFAULT_CONNECT_TIMEOUT = 10.0
+CREDENTIALS_FIX = "run `modal token new`, or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET"
+
+# Modal's GPU types (https://modal.com/docs/guide/gpu); "TYPE:N" asks for N of them.
+KNOWN_GPUS = ("T4", "L4", "A10", "A10G", "L40S", "A100", "A100-40GB", "A100-80GB", "RTX-PRO-6000",
+              "H100", "H100!", "H200", "B200", "B200+")
+
+
+# ---- 1. credentials -----------------------------------------------------------------------
+
+def check_credentials() -> str:
+    """Where the Modal token comes from (``"environment"`` or the profile); BackendError if none.
+
+    Reads what Modal's client will read: ``modal.config.config`` (environment variables
+    over the active profile of the config file). Fast: no network, no torch.
+    """
+    try:
+        from modal import config as modal_config
+    except Exception as e:  # a malformed ~/.modal.toml raises at import
+        raise BackendError(f"cannot read the Modal configuration: {str(e).strip()} "
+                           f"(fix: repair or remove the file, then {CREDENTIALS_FIX})") from None
+    cfg = modal_config.config
+    profile = modal_config._profile
+    path = modal_config.user_config_path
+    token_id, token_secret = cfg.get("token_id"), cfg.get("token_secret")
+    if token_id and token_secret:
+        from_env = bool(os.environ.get("MODAL_TOKEN_ID") and os.environ.get("MODAL_TOKEN_SECRET"))
+        return "environment" if from_env else f"profile {profile!r} of {path}"
+    if cfg.get("oauth_refresh_token") and cfg.get("oauth_client_id") and (
+            cfg.get("oauth_client_secret") or cfg.get("oauth_jwt_key")):
+        return "OAuth settings"
+    half = " (only one of token_id/token_secret is set)" if (token_id or token_secret) else ""
+    raise BackendError(f"Modal credentials not found: no MODAL_TOKEN_ID/MODAL_TOKEN_SECRET in the environment and "
+                       f"no token in profile {profile!r} of {path}{half} (fix: {CREDENTIALS_FIX})")
+
+
+# ---- 2. reachability ------------------------------------------------------------------------
+
+def connect_timeout() -> float:
+    raw = os.environ.get(CONNECT_TIMEOUT_ENV, "")
+    try:
+        return float(raw) if raw else DEFAULT_CONNECT_TIMEOUT
+    except ValueError:
+        raise BackendError(f"{CONNECT_TIMEOUT_ENV}={raw!r} is not a number of seconds (fix: e.g. 10)") from None
+
+
+def _server_targets() -> list[tuple[str, int]]:
+    from modal.config import config
+
+    out = []
+    for url in str(config.get("server_url") or "").split(","):
+        o = urlparse(url.strip())
+        if o.scheme in ("http", "https") and o.hostname:
+            out.append((o.hostname, o.port or (443 if o.scheme == "https" else 80)))
+    return out
+
+
+def probe_modal(timeout: float | None = None) -> None:
+    """Raise :class:`BackendError` unless a TCP connection to Modal's API opens within ``timeout`` s.
+
+    Name resolution and connects run in a daemon thread, so a hanging DNS lookup is
+    bounded too.
+    """
+    timeout = connect_timeout() if timeout is None else timeout
+    targets = _server_targets()
+    if not targets:  # a unix socket or a custom setup: let Modal's client decide
+        return
+    errors: list[str] = []
+    ok = threading.Event()
+
+    def attempt() -> None:
+        deadline = time.monotonic() + timeout
+        for host, port in targets:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                with socket.create_connection((host, port), timeout=left):
+                    ok.set()
+                    return
+            except OSError as e:
+                errors.append(f"{host}:{port}: {e.strerror or str(e) or type(e).__name__}")
+
+    t = threading.Thread(target=attempt, name="vlrouter-modal-probe", daemon=True)
+    t.start()
+    t.join(timeout)
+    if ok.is_set():
+        return
+    why = "; ".join(errors) if errors else f"no answer within {timeout:g} s"
+    raise BackendError(f"cannot reach Modal ({why}); nothing was changed locally "
+                       f"(fix: check the network connection or proxy and run again; "
+                       f"{CONNECT_TIMEOUT_ENV} sets the wait, now {timeout:g} s)")
+
+
+# ---- settings and the app module ------------------------------------------------------------
+
+def validate_gpu(gpu: str, where: str = "modal.gpu") -> str:
+    name, _, count = gpu.partition(":")
+    known = {g.upper(): g for g in KNOWN_GPUS}
+    if name.upper() not in known or (count and not (count.isdigit() and 1 <= int(count) <= 8)):
+        raise BackendError(f"{where}: unknown Modal GPU {gpu!r} (fix: one of {', '.join(KNOWN_GPUS)}, "
+                           "optionally with :N for N GPUs, e.g. H100:2)")
+    return known[name.upper()] + (f":{count}" if count else "")
+
+
+def app_settings(registry: Registry, gpu: str | None = None) -> dict[str, str]:
+    """The ``VLROUTER_MODAL_*`` values for the app, from registry.yaml's ``modal:`` (and ``--gpu``)."""
+    m = registry.model.modal
+    chosen = validate_gpu(gpu, "--gpu") if gpu else validate_gpu(m.gpu, f"{registry.path}: modal.gpu")
+    return {ENV_APP: m.app_name, ENV_DATA_VOLUME: m.data_volume, ENV_OUTPUT_VOLUME: m.output_volume,
+            ENV_CHECKPOINTS_VOLUME: m.checkpoints_volume, ENV_GPU: chosen}
+
+
+def load_app(settings: dict[str, str]):
+    """Import (or re-import) the app module with ``settings`` in the environment.
+
+    The app, its volumes and GPU are defined at import time from ``VLROUTER_MODAL_*``;
+    the variables are set only around the import, then restored.
+    """
+    import importlib
+
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        mod = sys.modules.get(APP_MODULE)
+        if mod is None:
+            mod = importlib.import_module(APP_MODULE)
+        elif any(mod.SETTINGS.get(k) != v for k, v in settings.items()):
+            mod = importlib.reload(mod)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return mod
+
+
+# ---- upload: a routing dataset with its screenshots --------------------------------------------
+
+def dataset_upload_plan(dataset_dir: str | Path) -> tuple[str, list[tuple[str, Path | bytes]]]:
+    """``(name, [(path inside the dataset folder, local file or bytes), ...])`` for one routing dataset.
+
+    A routing dataset points at its screenshots with paths relative to this machine's
+    folders; the uploaded copy is self-contained: every image goes to
+    ``images/<adapter>/<hash><ext>`` and the JSONL lines are rewritten to point there
+    (nothing else in them changes). ``metadata.json`` gains an ``upload`` entry with the
+    local folder and its fingerprint.
+    """
+    from vlrouter.core.data import METADATA_FILE, SPLITS, load_routing_dataset, read_routing_split
+    from vlrouter.core.errors import DatasetError
+
+    ds = load_routing_dataset(dataset_dir)
+    plan: list[tuple[str, Path | bytes]] = []
+    images: dict[str, str] = {}
+    for split in SPLITS:
+        if not ds.has_split(split):
+            continue
+        lines = []
+        for s in read_routing_split(ds.dir / f"{split}.jsonl"):
+            src = Path(s.image)
+            if not src.is_file():
+                raise DatasetError(located(s.source, "image", f"image not found: {src}",
+                                           fix="restore it, or rebuild the dataset with `router build-dataset`"))
+            rel = images.get(str(src))
+            if rel is None:
+                digest = hashlib.sha256(str(src).encode()).hexdigest()[:16]
+                rel = f"images/{s.adapter}/{digest}{src.suffix.lower()}"
+                images[str(src)] = rel
+                plan.append((rel, src))
+            record = dict(s.record)
+            record["image"] = rel
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        plan.append((f"{split}.jsonl", "".join(lines).encode("utf-8")))
+    meta = dict(ds.metadata)
+    meta["upload"] = {"source_dir": str(ds.dir.resolve()), "source_fingerprint": ds.fingerprint(),
+                      "images": len(images)}
+    plan.append((METADATA_FILE, (json.dumps(meta, indent=2) + "\n").encode("utf-8")))
+    return ds.dir.name, plan
+
+
+def stage_dataset(dataset_dir: str | Path, data_root: str | Path) -> str:
+    """Write the upload of ``dataset_dir`` under ``data_root/datasets/`` (what the data volume holds).
+
+    Tests and offline runs use it to call the app's functions with ``.local()``.
+    """
+    name, plan = dataset_upload_plan(dataset_dir)
+    dest = Path(data_root) / "datasets" / name
+    for rel, src in plan:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(src, bytes):
+            target.write_bytes(src)
+        else:
+            shutil.copyfile(src, target)
+    return name
+
+
+def _upload_plan(volume, prefix: str, plan: list[tuple[str, Path | bytes]], progress: Progress | None,
+                 what: str) -> None:
+    prog = progress_or_null(progress)
+    with prog.task(what, total=len(plan)) as t:
+        with volume.batch_upload(force=True) as batch:
+            for rel, src in plan:
+                batch.put_file(io.BytesIO(src) if isinstance(src, bytes) else src, f"{prefix}/{rel}")
+                t.advance()
+
+
+def _settings_for(registry: Registry, options=None, overrides: dict[str, Any] | None = None) -> dict[str, str]:
+    gpu = getattr(options, "gpu", None) or (overrides or {}).get("gpu")
+    return app_settings(registry, gpu)
+
+
+def upload_dataset(registry: Registry, dataset_dir: str | Path, *, progress: Progress | None = None,
+                   mapp=None) -> str:
+    """Upload a routing dataset and its screenshots to the data volume; return its path there.
+
+    The seed's step 2 (``moe-lora-data:/datasets/routing_YYYYMMDD_HHMMSS/``). With
+    ``mapp`` (inside a running :func:`retrain_modal`) no checks are repeated.
+    """
+    if mapp is None:
+        check_credentials()
+        progress_or_null(progress).log("Connecting to Modal…")
+        probe_modal()
+        mapp = load_app(_settings_for(registry))
+    name, plan = dataset_upload_plan(dataset_dir)
+    prefix = f"/{mapp.DATASETS_DIR}/{name}"
+    try:
+        _upload_plan(mapp.VOLUMES[mapp.DATA_ROOT], prefix, plan, progress,
+                     f"uploading {name} to volume {mapp.SETTINGS[ENV_DATA_VOLUME]}")
+    except RouterError:
+        raise
+    except Exception as e:
+        raise _modal_error("uploading the dataset", e) from None
+    return f"{mapp.SETTINGS[ENV_DATA_VOLUME]}:{prefix}/"
+
+
+def _model_slug(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def remote_base_model(mapp, base_model: str, progress: Progress | None = None) -> str:
+    """A hub id stays as it is (downloaded once into the volume's HF cache); a local model
+    folder is uploaded to the data volume (once per content) and named by its path there."""
+    folder = Path(base_model)
+    if not folder.is_dir():
+        return base_model
+    slug = _model_slug(folder)
+    prefix = f"/{mapp.MODELS_DIR}/{slug}"
+    vol = mapp.VOLUMES[mapp.DATA_ROOT]
+    try:
+        present = any(True for _ in vol.listdir(prefix))
+    except Exception:  # NotFoundError: not uploaded yet
+        present = False
+    if not present:
+        plan = [(str(p.relative_to(folder)), p) for p in sorted(folder.rglob("*")) if p.is_file()]
+        _upload_plan(vol, prefix, plan, progress, f"uploading base model {folder.name}")
+    return f"{mapp.DATA_ROOT}{prefix}"
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+def _modal_error(step: str, e: BaseException) -> BackendError:
+    """A one-line BackendError for what Modal (or a container) raised during ``step``."""
+    name = type(e).__name__
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else name
+    try:
+        import modal.exception as mexc
+
+        if isinstance(e, mexc.AuthError):
+            return BackendError(f"Modal refused the credentials while {step}: {msg} (fix: {CREDENTIALS_FIX})")
+        if isinstance(e, mexc.ConnectionError):
+            return BackendError(f"lost the connection to Modal while {step}: {msg} (fix: check the network and "
+                                "run again; features already embedded stay cached on the data volume)")
+    except Exception:
+        pass
+    return BackendError(f"Modal run failed while {step}: {name}: {msg} (fix: see Modal's output above; "
+                        "VLROUTER_DEBUG=1 shows the traceback)")
+
+
+def new_run_id() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def download_dir(volume, remote_prefix: str, dest: Path) -> list[Path]:
+    """Copy every file under ``remote_prefix`` on ``volume`` into ``dest`` (same relative layout)."""
+    from modal.volume import FileEntryType
+
+    prefix = remote_prefix.strip("/")
+    written = []
+    for entry in volume.listdir(prefix, recursive=True):
+        if entry.type != FileEntryType.FILE:
+            continue
+        rel = entry.path.strip("/")
+        rel = rel[len(prefix):].lstrip("/") if rel.startswith(prefix) else rel
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as f:
+            for chunk in volume.read_file(entry.path):
+                f.write(chunk)
+        written.append(target)
+    return written
+
+
+def finish_candidate(cand: Path, *, registry: Registry, dataset_dir: Path, embed_info: dict[str, Any],
+                     val_features: Path | None, modal_info: dict[str, Any]) -> dict[str, Any]:
+    """Fix up a downloaded candidate so it reads like a local one; return its stats.
+
+    router.json gets the local routing dataset's folder and fingerprint (the uploaded
+    copy differs only in image paths), the embed step's new/cached counts, a ``modal``
+    entry, and -- measured here, where the live router is -- the live router's accuracy
+    on the same validation features, which the common eval gate compares against.
+    """
+    from safetensors.torch import load_file
+
+    from vlrouter.core.data import load_routing_dataset
+    from vlrouter.core.head import META_FILE, read_meta
+    from vlrouter.core.registry import atomic_write_bytes
+    from vlrouter.core.train import _live_accuracy
+
+    meta = read_meta(cand)
+    metrics = dict(meta.metrics)
+    ds = load_routing_dataset(dataset_dir)
+    metrics["dataset_dir"] = str(ds.dir)
+    metrics["modal"] = modal_info
+    if val_features is not None and val_features.is_file():
+        t = load_file(str(val_features))
+        live = _live_accuracy(registry.router_dir, list(meta.adapters), meta.encoder_fingerprint or "",
+                              t["features"], t["labels"])
+        if live and live.get("comparable"):
+            metrics["live_val_acc"], metrics["live_version"] = live["acc"], live["version"]
+    meta = meta.model_copy(update={
+        "metrics": metrics, "dataset_fingerprint": ds.fingerprint(),
+        "embedded_new": int(embed_info.get("embedded_new", 0)), "reused_cached": int(embed_info.get("reused_cached", 0)),
+    })
+    atomic_write_bytes(cand / META_FILE, (json.dumps(meta.model_dump(mode="json"), indent=2) + "\n").encode())
+    return {"adapters": list(meta.adapters), "val_acc": metrics.get("val_acc"), "live_val_acc": metrics.get("live_val_acc"),
+            "embedded_new": meta.embedded_new, "reused_cached": meta.reused_cached, "metrics": metrics}
+
+
+def retrain_modal(request: RetrainRequest) -> RetrainResult:
+    """The ``modal`` backend (see the module docstring): a candidate router, not yet promoted."""
+    check_credentials()  # first: nothing imported, nothing touched
+    from vlrouter.backends.base import RetrainResult
+    from vlrouter.core.train import resolve_options
+
+    prog = progress_or_null(request.progress)
+    registry = request.registry
+    opts = request.options if request.options is not None else resolve_options(registry, request.overrides)
+    settings = _settings_for(registry, opts, request.overrides)
+    prog.log("Connecting to Modal…")
+    probe_modal()
+    mapp = load_app(settings)
+
+    import modal
+
+    run_id = new_run_id()
+    shards = registry.model.modal.cpu_shards
+    gpu = mapp.RESOURCES["embed"].get("gpu")
+    step = "starting the app"
+    cand: Path | None = None
+    t0 = time.perf_counter()
+    try:
+        # Modal's own output (image build, container logs, map progress) goes to stderr, beside
+        # our progress bars: stdout stays clean for `--json`.
+        with contextlib.redirect_stdout(sys.stderr), modal.enable_output(), mapp.app.run():
+            step = "building the routing dataset"
+            from vlrouter.core.data import build_routing_dataset
+
+            ds_dir = build_routing_dataset(registry, registry.resolve(opts.datasets_dir),
+                                           train_samples=opts.train_samples, eval_samples=opts.eval_samples,
+                                           val_fraction=opts.val_fraction, seed=opts.seed, progress=request.progress)
+            step = "uploading the dataset"
+            name = ds_dir.name
+            upload_dataset(registry, ds_dir, progress=request.progress, mapp=mapp)
+            load_from = remote_base_model(mapp, opts.base_model, request.progress)
+            step = f"processing on {shards} CPU containers"
+            with prog.task(step, total=shards) as t:
+                for _ in mapp.process_shard.map(range(shards), kwargs={
+                        "num_shards": shards, "dataset": name, "base_model": load_from,
+                        "revision": opts.base_model_revision}, order_outputs=False):
+                    t.advance()
+            step = f"embedding on {gpu}"
+            with prog.task(step, total=None):
+                embed_info = mapp.embed.remote(
+                    name, run_id, load_from, pooling=opts.pooling, layer=opts.layer, dtype=opts.dtype,
+                    revision=opts.base_model_revision, batch_size=opts.embed_batch_size,
+                    workers=max(1, min(opts.workers, int(mapp.RESOURCES["embed"].get("cpu", 1)))))
+            prog.log(f"features: embedded {embed_info['embedded_new']} new, reused {embed_info['reused_cached']} cached")
+            step = f"training the head on {gpu}"
+            with prog.task(step, total=None):
+                tstats = mapp.train.remote(
+                    name, run_id, opts.model_dump(mode="json"), {**embed_info, "base_model": opts.base_model},
+                    registry_fingerprint=registry.fingerprint(), expected_labels=registry.adapter_names)
+            step = "downloading the router"
+            from vlrouter.core.head import new_version_dir
+
+            cand = new_version_dir(registry.router_dir)
+            with prog.task(step, total=None):
+                download_dir(mapp.VOLUMES[mapp.OUTPUT_ROOT], tstats["router_path"], cand)
+                with tempfile.TemporaryDirectory(prefix="vlrouter-val-") as tmp:
+                    val = Path(tmp) / "val.safetensors"
+                    with open(val, "wb") as f:
+                        for chunk in mapp.VOLUMES[mapp.DATA_ROOT].read_file(embed_info["val_features"]):
+                            f.write(chunk)
+                    stats = finish_candidate(cand, registry=registry, dataset_dir=ds_dir, embed_info=embed_info,
+                                             val_features=val, modal_info={
+                                                 "run_id": run_id, "app": mapp.APP_NAME, "gpu": gpu,
+                                                 "cpu_shards": shards, "dataset": f"/{mapp.DATASETS_DIR}/{name}",
+                                                 "router": tstats["router_path"],
+                                                 "volumes": {k: settings[k] for k in (ENV_DATA_VOLUME, ENV_OUTPUT_VOLUME,
+                                                                                      ENV_CHECKPOINTS_VOLUME)},
+                                                 "checkpoints_on_volume": tstats.get("checkpoints_on_volume"),
+                                                 "seconds": round(time.perf_counter() - t0, 1)})
+    except BaseException as e:
+        if cand is not None:
+            shutil.rmtree(cand, ignore_errors=True)
+        if isinstance(e, (RouterError, KeyboardInterrupt, SystemExit)):
+            raise
+        if isinstance(e, Exception):
+            raise _modal_error(step, e) from e
+        raise
+    return RetrainResult(router_dir=str(registry.router_dir), candidate_dir=str(cand), promoted=False,
+                         adapters=stats["adapters"], val_acc=stats["val_acc"], live_val_acc=stats["live_val_acc"],
+                         embedded_new=stats["embedded_new"], reused_cached=stats["reused_cached"],
+                         metrics=stats["metrics"], dataset_dir=str(ds_dir), backend="modal",
+                         stats={"embed": embed_info, "train": tstats.get("train"), "modal": stats["metrics"]["modal"]})
