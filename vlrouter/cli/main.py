@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "vlrouter.cli.train_cmds",  # build-dataset, embed, train, eval, retrain, upload-dataset
     "vlrouter.cli.engine_cmds",  # route, act
     "vlrouter.cli.demo_cmds",  # demo
+    "vlrouter.cli.modal_cmds",  # upload-dataset
 )
 
 for _mod in COMMAND_MODULES:
