@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,6 +112,24 @@ def load_encoder(options: TrainOptions) -> Encoder:
 
 # ---- head training --------------------------------------------------------------------------
 
+@contextmanager
+def one_thread():
+    """Run torch on one CPU thread inside the block.
+
+    Head training and calibration work on tiny tensors, where a step costs thread
+    synchronisation rather than FLOPs; one fixed thread is faster, and it keeps float
+    reductions -- and so the trained weights -- identical across machines.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _as_labels(y) -> torch.Tensor:
     import torch
 
@@ -128,8 +147,8 @@ def train_head(train_feats: torch.Tensor, train_labels, val_feats: torch.Tensor,
     frequency class weights when the training classes are imbalanced. The weights of
     the best evaluation are returned. Seeded by ``options.seed`` without touching the
     global RNG: the same features and seed give identical weights on CPU. With
-    ``log_dir``, TensorBoard scalars go there. Runs on the CPU with one thread (the
-    head is tiny; this also makes the weights reproducible across machines).
+    ``log_dir``, TensorBoard scalars go there. Runs on the CPU with one thread
+    (:func:`one_thread`).
     """
     import torch
 
@@ -169,15 +188,11 @@ def train_head(train_feats: torch.Tensor, train_labels, val_feats: torch.Tensor,
         writer = SummaryWriter(str(log_dir))
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    threads = torch.get_num_threads()
-    # One thread: the head is tiny (per-step cost is overhead, not FLOPs), and a fixed
-    # thread count keeps float reductions -- and so the weights -- identical across machines.
-    torch.set_num_threads(1)
     try:
-        head, best_loss, best_acc, best_step, step, stopped_early = _fit(
-            x, y, vx, vy, options, shape, weights, writer, history, prog, steps_per_epoch)
+        with one_thread():
+            head, best_loss, best_acc, best_step, step, stopped_early = _fit(
+                x, y, vx, vy, options, shape, weights, writer, history, prog, steps_per_epoch)
     finally:
-        torch.set_num_threads(threads)
         if writer is not None:
             writer.flush()
             writer.close()
@@ -287,19 +302,20 @@ def calibrate_temperature(logits: torch.Tensor, labels) -> float:
     def nll(log_t: float) -> float:
         return float(torch.nn.functional.cross_entropy(z / math.exp(log_t), y))
 
-    grid = [lo + (hi - lo) * i / 200 for i in range(201)]
-    vals = [nll(g) for g in grid]
-    i = min(range(len(grid)), key=lambda j: (vals[j], abs(grid[j])))
-    a, b = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
-    for _ in range(40):  # golden-section refinement inside the bracketing cell
-        m1, m2 = a + (b - a) * 0.382, a + (b - a) * 0.618
-        if nll(m1) <= nll(m2):
-            b = m2
-        else:
-            a = m1
-    best = (a + b) / 2
-    if nll(best) > vals[i]:
-        best = grid[i]
+    with one_thread():
+        grid = [lo + (hi - lo) * i / 200 for i in range(201)]
+        vals = [nll(g) for g in grid]
+        i = min(range(len(grid)), key=lambda j: (vals[j], abs(grid[j])))
+        a, b = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
+        for _ in range(40):  # golden-section refinement inside the bracketing cell
+            m1, m2 = a + (b - a) * 0.382, a + (b - a) * 0.618
+            if nll(m1) <= nll(m2):
+                b = m2
+            else:
+                a = m1
+        best = (a + b) / 2
+        if nll(best) > vals[i]:
+            best = grid[i]
     return round(math.exp(best), 6)
 
 

@@ -1,0 +1,274 @@
+"""Training commands: ``build-dataset``, ``embed``, ``train``, ``eval``, ``retrain``.
+
+Each is a thin shell over :mod:`vlrouter.core.train` / :mod:`vlrouter.core.data`
+(which never print): options in, rich progress while it runs, a short report out.
+``retrain`` = build-dataset + embed + train + eval + gate/promote, on the chosen backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import enum
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from vlrouter.cli.app import app
+from vlrouter.cli.options import (
+    DEFAULT_REGISTRY,
+    BackendOpt,
+    BaseModelOpt,
+    BatchSizeOpt,
+    DeviceOpt,
+    EpochsOpt,
+    EvalSamplesOpt,
+    ForceOpt,
+    JsonOpt,
+    LrOpt,
+    PatienceOpt,
+    RegistryOpt,
+    TrainSamplesOpt,
+)
+from vlrouter.cli.ui import RichProgress, console, handle_errors, print_json
+from vlrouter.core.errors import PromotionRefused
+
+DatasetOpt = Annotated[Optional[Path], typer.Option(
+    "--dataset", help="A routing dataset folder (routing_YYYYMMDD_HHMMSS). Default: the newest under "
+                      "train.datasets_dir.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling/split/training seed (train.seed).")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=1,
+                                                   help="Processes for image decoding + the processor (train.workers).")]
+
+
+class Split(str, enum.Enum):
+    val = "val"
+    eval = "eval"
+    train = "train"
+
+
+def _overrides(**flags: Any) -> dict[str, Any]:
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.3f}" if isinstance(x, float) else ("-" if x is None else str(x))
+
+
+def _metrics_tables(metrics: dict[str, Any], title: str) -> None:
+    names = metrics["class_names"]
+    per = Table(title=title, title_justify="left")
+    for col in ("adapter", "precision", "recall", "F1", "support"):
+        per.add_column(col, justify="left" if col == "adapter" else "right")
+    for n in names:
+        m = metrics["per_class"][n]
+        per.add_row(escape(n), _fmt(m["precision"]), _fmt(m["recall"]), _fmt(m["f1"]), str(m["support"]))
+    console.print(per)
+    conf = Table(title="confusion matrix (rows: true adapter, columns: predicted)", title_justify="left")
+    conf.add_column("true \\ predicted")
+    for n in names:
+        conf.add_column(escape(n), justify="right")
+    for n, row in zip(names, metrics["confusion"]):
+        conf.add_row(escape(n), *[f"[bold]{v}[/]" if i == names.index(n) else str(v) for i, v in enumerate(row)])
+    console.print(conf)
+    if "ece" in metrics:
+        console.print(f"accuracy {metrics['accuracy']:.3f} on {metrics['n']} samples; ECE {metrics['ece']:.3f} "
+                      f"before, {metrics['ece_calibrated']:.3f} after temperature {metrics['temperature']:.3g}",
+                      highlight=False)
+
+
+def _report(result, *, as_json: bool) -> None:
+    if as_json:
+        print_json({k: getattr(result, k) for k in ("promoted", "message", "router_dir", "candidate_dir",
+                                                    "dataset_dir", "adapters", "val_acc", "live_val_acc",
+                                                    "embedded_new", "reused_cached", "backend", "metrics")})
+        return
+    _metrics_tables(result.metrics, f"validation ({result.metrics.get('n_val')} samples)")
+    t = Table(show_header=False, title="router", title_justify="left")
+    t.add_column(style="bold")
+    t.add_column(overflow="fold")
+    t.add_row("adapters", escape(", ".join(result.adapters)))
+    t.add_row("val accuracy", _fmt(result.val_acc))
+    t.add_row("live val accuracy", _fmt(result.live_val_acc) if result.live_val_acc is not None else "- (not comparable)")
+    t.add_row("features", f"embedded {result.embedded_new} new, reused {result.reused_cached} cached")
+    if "eval" in result.metrics:
+        t.add_row("eval accuracy", f"{result.metrics['eval']['accuracy']:.3f} on {result.metrics['eval']['n']} held-out")
+    t.add_row("dataset", escape(result.dataset_dir))
+    t.add_row("router", escape(result.router_dir))
+    console.print(t)
+    console.print(("[green]" if result.promoted else "[yellow]") + escape(result.message) + "[/]", highlight=False)
+
+
+def _refused(err: PromotionRefused, as_json: bool) -> None:
+    if as_json:
+        print_json({"promoted": False, "message": str(err), "candidate_dir": getattr(err, "candidate_dir", None),
+                    "val_acc": getattr(err, "val_acc", None), "live_val_acc": getattr(err, "live_val_acc", None)})
+
+
+@app.command("build-dataset")
+@handle_errors
+def build_dataset_cmd(
+    train_samples: TrainSamplesOpt = None,
+    eval_samples: EvalSamplesOpt = None,
+    seed: SeedOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Parent folder (default: train.datasets_dir).")] = None,
+    registry: RegistryOpt = DEFAULT_REGISTRY,
+    as_json: JsonOpt = False,
+) -> None:
+    """Sample every adapter's dataset into a labelled routing dataset (train/val[/eval] + metadata.json).
+
+    Label = the adapter's position in registry.yaml. Seeded and stratified; images that are missing
+    or corrupt are skipped and counted."""
+    import json
+
+    from vlrouter.core.data import build_routing_dataset
+    from vlrouter.core.registry import Registry
+    from vlrouter.core.train import resolve_options
+
+    reg = Registry.load(registry)
+    opts = resolve_options(reg, _overrides(train_samples=train_samples, eval_samples=eval_samples, seed=seed))
+    root = out if out is not None else reg.resolve(opts.datasets_dir)
+    path = build_routing_dataset(reg, root, train_samples=opts.train_samples, eval_samples=opts.eval_samples,
+                                 val_fraction=opts.val_fraction, seed=opts.seed, progress=RichProgress())
+    meta = json.loads((path / "metadata.json").read_text())
+    if as_json:
+        print_json({"dataset_dir": str(path), **meta})
+        return
+    t = Table(title=f"routing dataset {path.name}", title_justify="left")
+    t.add_column("label", justify="right")
+    t.add_column("adapter")
+    splits = list(meta["counts"])
+    for s in splits:
+        t.add_column(s, justify="right")
+    t.add_column("skipped", justify="right")
+    for i, name in enumerate(meta["class_names"]):
+        sk = meta["sources"][i]["skipped"]
+        t.add_row(str(i), escape(name), *[str(meta["counts"][s].get(name, 0)) for s in splits],
+                  str(sk["missing"] + sk["corrupt"]))
+    console.print(t)
+    console.print(f"wrote {escape(str(path))}", highlight=False)
+
+
+@app.command("embed")
+@handle_errors
+def embed_cmd(
+    dataset: DatasetOpt = None,
+    workers: WorkersOpt = None,
+    base_model_id: BaseModelOpt = None,
+    device: DeviceOpt = None,
+    registry: RegistryOpt = DEFAULT_REGISTRY,
+    as_json: JsonOpt = False,
+) -> None:
+    """Preprocess (images + processor, in worker processes) and embed a routing dataset with the frozen
+    base model, into the content-addressed feature cache. Only samples not cached yet are embedded."""
+    from vlrouter.core.registry import Registry
+    from vlrouter.core.train import run_embed
+
+    reg = Registry.load(registry)
+    stats = run_embed(reg, dataset_dir=dataset, progress=RichProgress(),
+                      overrides=_overrides(workers=workers, base_model_id=base_model_id, device=device))
+    if as_json:
+        print_json(stats)
+        return
+    console.print(f"{escape(stats['dataset_dir'])}: {stats['samples']} samples; embedded {stats['embedded_new']} "
+                  f"new, reused {stats['reused_cached']} cached ({stats['seconds']:.1f}s); cache "
+                  f"{escape(stats['cache_dir'])}", highlight=False)
+
+
+@app.command("train")
+@handle_errors
+def train_cmd(
+    dataset: DatasetOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    lr: LrOpt = None,
+    patience: PatienceOpt = None,
+    base_model_id: BaseModelOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    force: ForceOpt = False,
+    registry: RegistryOpt = DEFAULT_REGISTRY,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the router head on the (cached) features of a routing dataset, then promote it unless it
+    scores below the live router on the same validation samples (--force to promote anyway)."""
+    from vlrouter.core.registry import Registry
+    from vlrouter.core.train import run_train
+
+    reg = Registry.load(registry)
+    overrides = _overrides(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
+                           base_model_id=base_model_id, seed=seed, device=device)
+    try:
+        result = run_train(reg, dataset_dir=dataset, overrides=overrides, force=force, progress=RichProgress())
+    except PromotionRefused as e:
+        _refused(e, as_json)
+        raise
+    _report(result, as_json=as_json)
+
+
+@app.command("retrain")
+@handle_errors
+def retrain_cmd(
+    backend: BackendOpt = None,
+    force: ForceOpt = False,
+    epochs: EpochsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    lr: LrOpt = None,
+    patience: PatienceOpt = None,
+    base_model_id: BaseModelOpt = None,
+    train_samples: TrainSamplesOpt = None,
+    eval_samples: EvalSamplesOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    registry: RegistryOpt = DEFAULT_REGISTRY,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build the routing dataset, embed what is not cached, train and evaluate the head, and promote it
+    (eval gate: kept out if it scores below the live router on the same validation samples)."""
+    from vlrouter.core.registry import Registry
+    from vlrouter.core.train import run_retrain
+
+    reg = Registry.load(registry)
+    overrides = _overrides(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
+                           base_model_id=base_model_id, train_samples=train_samples, eval_samples=eval_samples,
+                           seed=seed, device=device)
+    try:
+        result = run_retrain(reg, overrides=overrides, force=force, progress=RichProgress(), backend=backend)
+    except PromotionRefused as e:
+        _refused(e, as_json)
+        raise
+    _report(result, as_json=as_json)
+
+
+@app.command("eval")
+@handle_errors
+def eval_cmd(
+    dataset: DatasetOpt = None,
+    split: Annotated[Split, typer.Option("--split", help="Which split to score.")] = Split.val,
+    png: Annotated[Optional[Path], typer.Option(
+        "--png", help="Where to write the confusion-matrix PNG (default: <dataset>/eval/<split>_confusion.png).")] = None,
+    device: DeviceOpt = None,
+    registry: RegistryOpt = DEFAULT_REGISTRY,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score the live router on a routing dataset split: accuracy, per-class precision/recall/F1, the
+    confusion matrix (table + PNG) and ECE before/after temperature. Reuses cached features."""
+    from vlrouter.core.registry import Registry
+    from vlrouter.core.train import plot_confusion, run_eval
+
+    reg = Registry.load(registry)
+    report = run_eval(reg, dataset_dir=dataset, split=split.value, overrides=_overrides(device=device),
+                      progress=RichProgress())
+    out = png if png is not None else Path(report["dataset_dir"]) / "eval" / f"{split.value}_confusion.png"
+    plot_confusion(report["metrics"], out, title=f"{Path(report['dataset_dir']).name} / {split.value}")
+    report["png"] = str(out)
+    if as_json:
+        print_json(report)
+        return
+    _metrics_tables(report["metrics"], f"router {escape(report['router_dir'])} on {split.value} "
+                                       f"({report['metrics']['n']} samples)")
+    console.print(f"features: embedded {report['embedded_new']} new, reused {report['reused_cached']} cached",
+                  highlight=False)
+    console.print(f"confusion matrix: {escape(str(out))}", highlight=False)
