@@ -221,8 +221,9 @@ def load_adapters(base, sources: Sequence[AdapterSource]):
             except (ValueError, KeyError, TypeError, OSError) as e:
                 raise src.err(f"adapter {src.name!r} ({src.path}) cannot be loaded: {type(e).__name__}: {e}",
                               fix=fix) from None
-        for w in caught:  # keep peft's other warnings visible to the caller
-            if "missing adapter keys" not in str(w.message):
+        for w in caught:  # keep peft's other warnings visible, except library-internal deprecations
+            if "missing adapter keys" not in str(w.message) and not issubclass(w.category, (FutureWarning,
+                                                                                           DeprecationWarning)):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if missing:
             raise src.err(f"adapter {src.name!r} ({src.path}) lacks weights for modules the config targets: "
