@@ -280,6 +280,30 @@ def test_upload_dataset_puts_every_file_under_datasets(project, tmp_path, mapp, 
     assert (vol.root / "datasets" / ds.name / "metadata.json").is_file()
 
 
+def test_a_local_base_model_is_uploaded_once_a_hub_id_is_not(tiny_model_dir, tmp_path, mapp, monkeypatch):
+    vol = FakeVolume(tmp_path / "vol")
+    monkeypatch.setitem(mapp.VOLUMES, mapp.DATA_ROOT, vol)
+    assert modal_run.remote_base_model(mapp, "Qwen/Qwen3-VL-8B-Instruct") == "Qwen/Qwen3-VL-8B-Instruct"
+    assert vol.puts == []
+    where = modal_run.remote_base_model(mapp, str(tiny_model_dir))
+    assert where.startswith("/data/models/") and vol.puts
+    remote = vol.root / where.removeprefix("/data/")
+    assert (remote / "config.json").read_bytes() == (Path(tiny_model_dir) / "config.json").read_bytes()
+    n = len(vol.puts)
+    assert modal_run.remote_base_model(mapp, str(tiny_model_dir)) == where and len(vol.puts) == n  # once
+
+
+def test_modal_failures_become_one_line_backend_errors():
+    import modal.exception as mexc
+
+    e = modal_run._modal_error("embedding on H100", mexc.AuthError("Token invalid"))
+    assert "modal token new" in str(e)
+    e = modal_run._modal_error("uploading the dataset", mexc.ConnectionError("Could not connect"))
+    assert str(e).startswith("lost the connection to Modal while uploading the dataset")
+    e = modal_run._modal_error("training the head on H100", RuntimeError("CUDA out of memory\nmore"))
+    assert "\n" not in str(e) and "RuntimeError: CUDA out of memory" in str(e)
+
+
 # ---- the function bodies, in-process, against temp roots --------------------------------------
 
 def test_function_bodies_with_local_make_the_same_router_as_the_local_backend(project, tmp_path, mapp):
