@@ -94,8 +94,10 @@ class Action:
     ``routed`` is the router's top choice -- they differ when ``router.fallback``
     applied because ``confidence`` (the router's probability for ``routed``) was below
     ``router.min_confidence``. ``action`` is None when the text does not parse.
-    ``timings`` holds ``route_ms``, ``generate_ms`` and ``total_ms`` (for
-    :meth:`Engine.act_batch`, the whole batch's times, and ``batch_size``).
+    ``timings`` holds ``route_ms`` (opening the image, processor, routing pass, head),
+    ``generate_ms``, ``total_ms`` and ``vision_calls`` (vision-tower forwards during the
+    call: 1 when the routing pass's image features were reused); for
+    :meth:`Engine.act_batch`, the whole batch's numbers, and ``batch_size``.
     """
 
     adapter: str
