@@ -402,6 +402,21 @@ def test_stale_router_base_model_pooling_layer(project, tmp_path, field, value, 
         Engine.from_registry(reg, device="cpu")
 
 
+@pytest.mark.parametrize("recorded", ["as written", "resolved"])
+def test_router_base_model_may_be_recorded_as_written_or_resolved(project, tmp_path, tiny_model_dir, recorded):
+    """registry.yaml `base_model: models/tiny` (relative to its folder): router.json may hold either form."""
+    reg = _copy_project(project, tmp_path / "p")
+    (reg.parent / "models").mkdir()
+    (reg.parent / "models" / tiny_model_dir.name).symlink_to(tiny_model_dir)
+    rel = f"models/{tiny_model_dir.name}"
+    reg.write_text(reg.read_text().replace(f"base_model: {tiny_model_dir}", f"base_model: {rel}"))
+    meta_path = reg.parent / "runs" / "router" / "router.json"
+    meta = json.loads(meta_path.read_text())
+    meta["base_model"] = rel if recorded == "as written" else str(reg.parent / rel)
+    meta_path.write_text(json.dumps(meta))
+    assert Engine.from_registry(reg, device="cpu").route(*H.samples()[0][:2]).adapter == "calendar"
+
+
 def test_missing_adapter_checkpoint_names_adapter_path_and_field(project, tmp_path):
     reg = _copy_project(project, tmp_path / "p")
     shutil.rmtree(reg.parent / "checkpoints" / "claim-window")

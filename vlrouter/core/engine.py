@@ -323,8 +323,11 @@ class Engine:
             raise RegistryError(located(reg.path, "adapters", "no adapters registered",
                                         fix="add one with `router add-adapter NAME`"))
         head, meta = load_router(reg.router_dir)
-        check_compatible(meta, adapters=reg.adapter_names, base_model=m.base_model, pooling=m.router.pooling,
-                         layer=m.router.layer, where=reg.router_dir / META_FILE)
+        # router.json's base_model is the registry's base_model as written, or (for a local
+        # folder) as resolved against the registry's folder: both name the same weights.
+        same_base = meta.base_model in (m.base_model, reg.base_model)
+        check_compatible(meta, adapters=reg.adapter_names, base_model=None if same_base else m.base_model,
+                         pooling=m.router.pooling, layer=m.router.layer, where=reg.router_dir / META_FILE)
         sources = [
             AdapterSource(a.name, reg.resolve(a.checkpoint), reg.path, f"adapters[{i}].checkpoint",
                           _line_of(reg._doc, ("adapters", i, "checkpoint")))
