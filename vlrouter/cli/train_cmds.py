@@ -117,9 +117,10 @@ def build_dataset_cmd(
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
 ) -> None:
-    """Sample every adapter's dataset into a labelled routing dataset (train/val[/eval] + metadata.json).
+    """Sample every adapter's dataset into a labelled routing dataset (train, val, eval + metadata.json).
 
-    Label = the adapter's position in registry.yaml. Seeded and stratified; images that are missing
+    Writes train.jsonl, val.jsonl, eval.jsonl (with --eval-samples) and metadata.json into
+    train.datasets_dir/routing_YYYYMMDD_HHMMSS. Label = the adapter's position in registry.yaml. Seeded and stratified; images that are missing
     or corrupt are skipped and counted."""
     import json
 
@@ -161,8 +162,10 @@ def embed_cmd(
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
 ) -> None:
-    """Preprocess (images + processor, in worker processes) and embed a routing dataset with the frozen
-    base model, into the content-addressed feature cache. Only samples not cached yet are embedded."""
+    """Embed a routing dataset with the frozen base model into the feature cache (only what is missing).
+
+    Images + processor run in worker processes (train.workers), the forward in this one; features are
+    cached by content (screenshot pixels + instruction + encoder), so nothing is embedded twice."""
     from vlrouter.core.registry import Registry
     from vlrouter.core.train import run_embed
 
@@ -192,8 +195,10 @@ def train_cmd(
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train the router head on the (cached) features of a routing dataset, then promote it unless it
-    scores below the live router on the same validation samples (--force to promote anyway)."""
+    """Train the router head on a routing dataset's cached features, then promote it (eval gate).
+
+    Default dataset: the newest. The new router is kept out if it scores below the live router on the
+    same validation samples (--force to promote anyway)."""
     from vlrouter.core.registry import Registry
     from vlrouter.core.train import run_train
 
@@ -225,8 +230,10 @@ def retrain_cmd(
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
 ) -> None:
-    """Build the routing dataset, embed what is not cached, train and evaluate the head, and promote it
-    (eval gate: kept out if it scores below the live router on the same validation samples)."""
+    """Build the routing dataset, embed what is missing, train, evaluate and promote (eval gate).
+
+    The new router is kept out if it scores below the live router on the same validation samples
+    (--force to promote anyway). --backend modal runs the heavy steps on Modal."""
     from vlrouter.core.registry import Registry
     from vlrouter.core.train import run_retrain
 
@@ -253,8 +260,10 @@ def eval_cmd(
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
 ) -> None:
-    """Score the live router on a routing dataset split: accuracy, per-class precision/recall/F1, the
-    confusion matrix (table + PNG) and ECE before/after temperature. Reuses cached features."""
+    """Score the live router on a routing dataset split: accuracy, per-class P/R/F1, confusion, ECE.
+
+    Default: the newest routing dataset's val split. Prints the tables and writes the confusion matrix
+    as a PNG; ECE before and after the router's temperature. Reuses cached features."""
     from vlrouter.core.registry import Registry
     from vlrouter.core.train import plot_confusion, run_eval
 
