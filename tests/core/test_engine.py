@@ -402,9 +402,11 @@ def test_stale_router_base_model_pooling_layer(project, tmp_path, field, value, 
         Engine.from_registry(reg, device="cpu")
 
 
-@pytest.mark.parametrize("recorded", ["as written", "resolved"])
-def test_router_base_model_may_be_recorded_as_written_or_resolved(project, tmp_path, tiny_model_dir, recorded):
-    """registry.yaml `base_model: models/tiny` (relative to its folder): router.json may hold either form."""
+@pytest.mark.parametrize("recorded", ["as written", "resolved", "resolved, registry opened by a relative path"])
+def test_router_base_model_may_be_recorded_as_written_or_resolved(project, tmp_path, tiny_model_dir, recorded,
+                                                                  monkeypatch):
+    """registry.yaml `base_model: models/tiny` (relative to its folder): router.json may hold either form
+    (core/train.py records the absolute folder)."""
     reg = _copy_project(project, tmp_path / "p")
     (reg.parent / "models").mkdir()
     (reg.parent / "models" / tiny_model_dir.name).symlink_to(tiny_model_dir)
@@ -414,6 +416,9 @@ def test_router_base_model_may_be_recorded_as_written_or_resolved(project, tmp_p
     meta = json.loads(meta_path.read_text())
     meta["base_model"] = rel if recorded == "as written" else str(reg.parent / rel)
     meta_path.write_text(json.dumps(meta))
+    if recorded.endswith("relative path"):
+        monkeypatch.chdir(reg.parent)
+        reg = Path("registry.yaml")
     assert Engine.from_registry(reg, device="cpu").route(*H.samples()[0][:2]).adapter == "calendar"
 
 

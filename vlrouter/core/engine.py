@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 import re
 import threading
 import time
@@ -191,6 +192,18 @@ def check_adapter_checkpoint(src: AdapterSource, base_model_names: Sequence[str]
     return cfg
 
 
+def _same_base_model(recorded: str, reg: Registry) -> bool:
+    """router.json's ``base_model`` names the registry's base model: as written in registry.yaml,
+    or -- for a local folder -- resolved against the registry's folder (relative or absolute)."""
+    if recorded in (reg.model.base_model, reg.base_model):
+        return True
+    local = reg.resolve(reg.model.base_model)
+    rec = Path(recorded).expanduser()
+    if not rec.is_absolute():
+        rec = reg.resolve(recorded)
+    return local.exists() and rec.exists() and os.path.realpath(rec) == os.path.realpath(local)
+
+
 def load_adapters(base, sources: Sequence[AdapterSource]):
     """Wrap ``base`` (modified in place) in ONE ``PeftModel`` holding every adapter by name.
 
@@ -323,10 +336,7 @@ class Engine:
             raise RegistryError(located(reg.path, "adapters", "no adapters registered",
                                         fix="add one with `router add-adapter NAME`"))
         head, meta = load_router(reg.router_dir)
-        # router.json's base_model is the registry's base_model as written, or (for a local
-        # folder) as resolved against the registry's folder: both name the same weights.
-        same_base = meta.base_model in (m.base_model, reg.base_model)
-        check_compatible(meta, adapters=reg.adapter_names, base_model=None if same_base else m.base_model,
+        check_compatible(meta, adapters=reg.adapter_names, base_model=None if _same_base_model(meta.base_model, reg) else m.base_model,
                          pooling=m.router.pooling, layer=m.router.layer, where=reg.router_dir / META_FILE)
         sources = [
             AdapterSource(a.name, reg.resolve(a.checkpoint), reg.path, f"adapters[{i}].checkpoint",
