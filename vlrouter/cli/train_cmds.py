@@ -7,10 +7,9 @@ Each is a thin shell over :mod:`vlrouter.core.train` / :mod:`vlrouter.core.data`
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
-
-import enum
 
 import typer
 from rich.markup import escape
@@ -39,8 +38,8 @@ DatasetOpt = Annotated[Optional[Path], typer.Option(
     "--dataset", help="A routing dataset folder (routing_YYYYMMDD_HHMMSS). Default: the newest under "
                       "train.datasets_dir.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling/split/training seed (train.seed).")]
-WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=1,
-                                                   help="Processes for image decoding + the processor (train.workers).")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", min=1, help="Processes for image decoding + the processor (train.workers).")]
 
 
 class Split(str, enum.Enum):
@@ -91,10 +90,12 @@ def _report(result, *, as_json: bool) -> None:
     t.add_column(overflow="fold")
     t.add_row("adapters", escape(", ".join(result.adapters)))
     t.add_row("val accuracy", _fmt(result.val_acc))
-    t.add_row("live val accuracy", _fmt(result.live_val_acc) if result.live_val_acc is not None else "- (not comparable)")
+    live = _fmt(result.live_val_acc) if result.live_val_acc is not None else "- (not comparable)"
+    t.add_row("live val accuracy", live)
     t.add_row("features", f"embedded {result.embedded_new} new, reused {result.reused_cached} cached")
     if "eval" in result.metrics:
-        t.add_row("eval accuracy", f"{result.metrics['eval']['accuracy']:.3f} on {result.metrics['eval']['n']} held-out")
+        ev = result.metrics["eval"]
+        t.add_row("eval accuracy", f"{ev['accuracy']:.3f} on {ev['n']} held-out")
     t.add_row("dataset", escape(result.dataset_dir))
     t.add_row("router", escape(result.router_dir))
     console.print(t)
@@ -120,8 +121,8 @@ def build_dataset_cmd(
     """Sample every adapter's dataset into a labelled routing dataset (train, val, eval + metadata.json).
 
     Writes train.jsonl, val.jsonl, eval.jsonl (with --eval-samples) and metadata.json into
-    train.datasets_dir/routing_YYYYMMDD_HHMMSS. Label = the adapter's position in registry.yaml. Seeded and stratified; images that are missing
-    or corrupt are skipped and counted."""
+    train.datasets_dir/routing_YYYYMMDD_HHMMSS. Label = the adapter's position in registry.yaml.
+    Seeded and stratified; images that are missing or corrupt are skipped and counted."""
     import json
 
     from vlrouter.core.data import build_routing_dataset
@@ -255,7 +256,8 @@ def eval_cmd(
     dataset: DatasetOpt = None,
     split: Annotated[Split, typer.Option("--split", help="Which split to score.")] = Split.val,
     png: Annotated[Optional[Path], typer.Option(
-        "--png", help="Where to write the confusion-matrix PNG (default: <dataset>/eval/<split>_confusion.png).")] = None,
+        "--png", help="Where to write the confusion-matrix PNG "
+                      "(default: <dataset>/eval/<split>_confusion.png).")] = None,
     device: DeviceOpt = None,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,

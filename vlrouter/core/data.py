@@ -110,7 +110,8 @@ class Skipped:
         for what, ids in (("missing image", self.missing), ("corrupt image", self.corrupt)):
             if ids:
                 shown = ", ".join(ids[:_SHOW_IDS]) + (f", … +{len(ids) - _SHOW_IDS}" if len(ids) > _SHOW_IDS else "")
-                parts.append(f"{len(ids)} {what}{'s' if len(ids) != 1 else ''} (id{'s' if len(ids) != 1 else ''} {shown})")
+                plural = "s" if len(ids) != 1 else ""
+                parts.append(f"{len(ids)} {what}{plural} (id{plural} {shown})")
         return f"{self.file}: skipped {self.count} sample{'s' if self.count != 1 else ''}: " + ", ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
@@ -463,7 +464,8 @@ def build_routing_dataset(registry: Registry, out_root: str | Path, *, train_sam
                 n_train, n_val = split_counts(len(pool), val_fraction)
                 parts = {"val": pool[:n_val], "train": pool[n_val:], "eval": held}
                 for split, items in parts.items():
-                    splits[split].extend(_routing_record(s, label, tmp) for s in items)  # tmp sits beside the final folder
+                    # image paths relative to tmp, which sits beside the final folder
+                    splits[split].extend(_routing_record(s, label, tmp) for s in items)
                     counts[split][entry.name] = len(items)
                 sources.append({"adapter": entry.name, "label": label, "dataset": entry.dataset, "path": str(path),
                                 "sha256": _sha256_file(path), "read": len(samples),

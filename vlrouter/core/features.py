@@ -208,6 +208,23 @@ def collate(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict
     return out
 
 
+def embed_prepared_items(encoder: Encoder, cache: FeatureCache, keys: Sequence[str],
+                         items: Sequence[dict[str, torch.Tensor]], *, batch_size: int = 8,
+                         ids: Sequence[str] | None = None) -> list[torch.Tensor]:
+    """GPU stage: forward per-sample items from :func:`prepare_shard` (made in any process or
+    container) ``batch_size`` at a time, store each feature under its key; return them in order."""
+    if len(keys) != len(items):
+        raise InputError(f"{len(keys)} keys for {len(items)} prepared items")
+    pad_id = encoder.processor.tokenizer.pad_token_id or 0
+    out: list[torch.Tensor] = []
+    for start in range(0, len(items), batch_size):
+        feats = encoder.embed_prepared(collate(items[start:start + batch_size], pad_id))
+        for i, f in enumerate(feats, start):
+            cache.put(keys[i], f, meta={"id": str(ids[i])} if ids is not None else None)
+            out.append(f)
+    return out
+
+
 # ---- driving both stages -------------------------------------------------------------------
 
 def _chunks(seq: Sequence, size: int) -> list[Sequence]:
@@ -269,8 +286,8 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
     need it: worker start-up costs seconds); the forward runs here, ``batch_size`` samples at a
     time, and each entry is written as soon as its batch is done (an interrupted run
     resumes). Stats: ``embedded_new`` (samples not in the cache at the start),
-    ``reused_cached`` (samples found), ``forwarded`` (distinct entries computed),
-    ``seconds``.
+    ``reused_cached`` (samples found; an unreadable entry counts as new),
+    ``forwarded`` (distinct entries computed), ``seconds``.
     """
     import torch
 
@@ -294,18 +311,24 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
         return pool
 
     todo: list[tuple[str, Sample]] = []
+    have: dict[str, torch.Tensor] = {}
     try:
         keys = sample_keys(encoder, samples, pool=pool_for(len(samples)), workers=workers, progress=progress,
                            encoder_fp=fp)
         missing: dict[str, Sample] = {}
         n_new = 0
         for s, k in zip(samples, keys):
-            if not cache.has(k):
+            if k in have or k in missing:
+                n_new += k in missing
+                continue
+            f = cache.get(k)  # None when absent or unreadable: embedded again
+            if f is None:
                 n_new += 1
-                missing.setdefault(k, s)
+                missing[k] = s
+            else:
+                have[k] = f
         todo = list(missing.items())
         if todo:
-            pad_id = encoder.processor.tokenizer.pad_token_id or 0
             chunks = _chunks(todo, batch_size)
             jobs = ((encoder.base_model, encoder.revision, [s for _, s in c]) for c in chunks)
             stage_pool = pool_for(len(todo))
@@ -315,9 +338,9 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
                 run = _prepare_job
             with prog.task("embedding new samples", total=len(todo)) as t:
                 for part, prepared in zip(chunks, _ordered_map(stage_pool, run, jobs, window=2 * workers)):
-                    feats = encoder.embed_prepared(collate(prepared, pad_id))
-                    for (k, s), f in zip(part, feats):
-                        cache.put(k, f, meta={"id": s.id})
+                    feats = embed_prepared_items(encoder, cache, [k for k, _ in part], prepared,
+                                                 batch_size=len(part), ids=[s.id for _, s in part])
+                    have.update(zip((k for k, _ in part), feats))
                     t.advance(len(part))
     except BrokenProcessPool as e:
         raise TrainingError(f"a feature worker process died ({e}); entries embedded so far are kept "
@@ -326,15 +349,7 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    rows = []
-    for s, k in zip(samples, keys):
-        f = cache.get(k)
-        if f is None:  # removed or damaged under our feet: compute it now, in-process
-            f = encoder.embed_prepared(collate(prepare_shard(encoder.base_model, [s], processor=encoder.processor),
-                                               encoder.processor.tokenizer.pad_token_id or 0))[0]
-            cache.put(k, f, meta={"id": s.id})
-        rows.append(f)
-    feats = torch.stack(rows) if rows else torch.zeros(0, encoder.hidden_size)
+    feats = torch.stack([have[k] for k in keys]) if keys else torch.zeros(0, encoder.hidden_size)
     stats = {"embedded_new": n_new, "reused_cached": len(samples) - n_new, "forwarded": len(todo),
              "seconds": round(time.perf_counter() - t0, 3), "workers": workers if pool is not None else 1}
     prog.log(f"features: embedded {stats['embedded_new']} new, reused {stats['reused_cached']} cached")

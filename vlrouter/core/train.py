@@ -177,7 +177,7 @@ def train_head(train_feats: torch.Tensor, train_labels, val_feats: torch.Tensor,
     imbalanced = bool(counts.max() != counts.min())
     weights = (counts.sum() / (k * counts.float())) if imbalanced else None
 
-    bs, epochs = options.batch_size, options.epochs
+    bs = options.batch_size
     steps_per_epoch = math.ceil(x.shape[0] / bs)
     hidden = options.head_hidden if options.head == "mlp" else 0
     shape = HeadShape(kind=options.head, in_dim=int(x.shape[1]), hidden=hidden, num_labels=k)
@@ -629,8 +629,8 @@ def retrain_local(request: RetrainRequest) -> RetrainResult:
 
 
 def get_backend(registry: Registry, name: str):
-    from vlrouter.plugins.manager import collect_backends, get_plugin_manager
     from vlrouter.core.registry import suggest
+    from vlrouter.plugins.manager import collect_backends, get_plugin_manager
 
     backends = collect_backends(get_plugin_manager(registry))
     if name not in backends:
@@ -668,8 +668,10 @@ def run_train(registry: Registry, *, dataset_dir: str | Path | None = None, over
 
     with RouterLock(registry):
         opts = resolve_options(registry, overrides)
-        ds = Path(dataset_dir) if dataset_dir is not None else newest_routing_dataset(registry.resolve(opts.datasets_dir))
-        cand, stats = train_on_dataset(ds, opts, live_dir=registry.router_dir, cache_root=registry.resolve(opts.cache_dir),
+        ds = (Path(dataset_dir) if dataset_dir is not None
+              else newest_routing_dataset(registry.resolve(opts.datasets_dir)))
+        cand, stats = train_on_dataset(ds, opts, live_dir=registry.router_dir,
+                                       cache_root=registry.resolve(opts.cache_dir),
                                        registry_fingerprint=registry.fingerprint(), progress=progress,
                                        expected_labels=registry.adapter_names)
         result = _result(registry, cand, stats, "local")
