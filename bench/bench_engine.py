@@ -134,8 +134,13 @@ def run_child(mode: str, registry: Path, max_new_tokens: int, extra: tuple[str, 
 def child(mode: str, registry: Path, max_new_tokens: int) -> dict:
     import torch
 
-    from vlrouter.core.encoder import build_inputs, encode_pooled, load_base_model, load_processor
-    from vlrouter.core.engine import Engine, load_adapters, AdapterSource
+    from vlrouter.core.encoder import (
+        build_inputs,
+        encode_pooled,
+        load_base_model,
+        load_processor,
+    )
+    from vlrouter.core.engine import AdapterSource, Engine, load_adapters
     from vlrouter.core.registry import Registry
 
     _quiet()

@@ -14,7 +14,7 @@ import vlrouter.cli.main  # noqa: F401  (attaches every command to the app)
 from vlrouter.cli.app import app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: engine_helpers
-import engine_helpers as H  # noqa: E402
+import engine_helpers as H
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -12,20 +13,20 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: engine_helpers
-import engine_helpers as H  # noqa: E402
+import engine_helpers as H
 
-from vlrouter import hookimpl  # noqa: E402
-from vlrouter.core.actions import UIAction  # noqa: E402
-from vlrouter.core.encoder import build_inputs, inner_vl_model  # noqa: E402
-from vlrouter.core.engine import Action, Engine, Route  # noqa: E402
-from vlrouter.core.errors import (  # noqa: E402
+from vlrouter import hookimpl
+from vlrouter.core.actions import UIAction
+from vlrouter.core.encoder import build_inputs, inner_vl_model
+from vlrouter.core.engine import Action, Engine, Route
+from vlrouter.core.errors import (
     ImageError,
     InputError,
     LowConfidenceError,
     ModelLoadError,
     StaleRouterError,
 )
-from vlrouter.plugins.manager import get_plugin_manager  # noqa: E402
+from vlrouter.plugins.manager import get_plugin_manager
 
 MAX_NEW = 8
 
@@ -179,8 +180,8 @@ def test_act_parses_with_plugins_and_keeps_raw_text(engine, items):
     d = a.to_dict()
     assert json.loads(json.dumps(d))["action"] == {"name": "echo", "args": a.action.args, "call": str(a.action)}
     assert d["text"] == a.text and d["adapter"] == a.adapter
-    with pytest.raises(Exception):
-        a.adapter = "other"  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.adapter = "other"
 
 
 def test_unparseable_text_gives_no_action_but_keeps_text(engine, items):

@@ -43,13 +43,20 @@ import re
 import threading
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from vlrouter.core.actions import UIAction
-from vlrouter.core.encoder import build_inputs, encode_pooled, inner_vl_model, load_base_model, load_processor
+from vlrouter.core.encoder import (
+    build_inputs,
+    encode_pooled,
+    inner_vl_model,
+    load_base_model,
+    load_processor,
+)
 from vlrouter.core.errors import (
     InputError,
     LowConfidenceError,
@@ -66,7 +73,7 @@ if TYPE_CHECKING:
 
     from vlrouter.core.registry import Registry
 
-__all__ = ["Action", "AdapterSource", "BASE", "Engine", "Route", "load_adapters", "vision_adapters"]
+__all__ = ["BASE", "Action", "AdapterSource", "Engine", "Route", "load_adapters", "vision_adapters"]
 
 BASE = "base"  # Action.adapter when the base model (no adapter) generated the text
 PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
@@ -175,8 +182,8 @@ def check_adapter_checkpoint(src: AdapterSource, base_model_names: Sequence[str]
     try:
         cfg = json.loads(cfg_path.read_text())
         if not isinstance(cfg, dict):
-            raise ValueError("top level is not an object")
-    except (ValueError, UnicodeDecodeError) as e:
+            raise TypeError("top level is not an object")
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
         raise src.err(f"adapter {src.name!r}: {cfg_path} is not valid JSON ({e})",
                       fix="re-save the adapter with peft's save_pretrained") from None
     if not any(f.is_file() for f in (p / "adapter_model.safetensors", p / "adapter_model.bin")):
