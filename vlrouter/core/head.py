@@ -67,14 +67,46 @@ class RouterMeta(BaseModel):
     vlrouter_version: str = ""
 
 
-def build_head(shape: HeadShape):
-    """Linear, or a small MLP (LayerNorm -> Linear -> GELU -> Dropout -> Linear)."""
+def _standardize_cls():
     from torch import nn
 
+    class Standardize(nn.Module):
+        """Per-feature ``(x - mean) / std`` with statistics fitted on the training features.
+
+        LLM hidden states have a few dimensions with huge activations; a per-sample
+        LayerNorm lets those dominate, per-feature standardization does not. The
+        statistics are buffers, so they travel in head.safetensors.
+        """
+
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            import torch
+
+            self.register_buffer("mean", torch.zeros(dim))
+            self.register_buffer("std", torch.ones(dim))
+
+        def fit(self, feats) -> None:
+            self.mean.copy_(feats.mean(0))
+            self.std.copy_(feats.std(0).clamp_min(1e-6) if feats.shape[0] > 1 else self.std)
+
+        def forward(self, x):
+            return (x - self.mean) / self.std
+
+    return Standardize
+
+
+def build_head(shape: HeadShape):
+    """Standardize -> Linear, or a small MLP (Standardize -> Linear -> GELU -> Dropout -> Linear).
+
+    Call ``head[0].fit(train_features)`` before training.
+    """
+    from torch import nn
+
+    std = _standardize_cls()(shape.in_dim)
     if shape.kind == "linear":
-        return nn.Sequential(nn.LayerNorm(shape.in_dim), nn.Linear(shape.in_dim, shape.num_labels))
+        return nn.Sequential(std, nn.Linear(shape.in_dim, shape.num_labels))
     return nn.Sequential(
-        nn.LayerNorm(shape.in_dim),
+        std,
         nn.Linear(shape.in_dim, shape.hidden),
         nn.GELU(),
         nn.Dropout(0.1),

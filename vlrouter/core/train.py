@@ -219,6 +219,7 @@ def _fit(x, y, vx, vy, options, shape, weights, writer, history, prog, steps_per
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
         head = build_head(shape)
+        head[0].fit(x)
         gen = torch.Generator().manual_seed(options.seed)
         loss_fn = nn.CrossEntropyLoss(weight=weights)  # no label smoothing: a handful of classes
         opt = torch.optim.AdamW(head.parameters(), lr=options.lr)
