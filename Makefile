@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) bench/run
+	bash bench/run
 
 clean:
 	rm -rf $(VENV) demo-run

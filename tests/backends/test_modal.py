@@ -569,3 +569,25 @@ def test_digest_helper_names_are_stable():
     with pytest.raises(ValueError):
         modal_app.safe_name("../escape")
     json.dumps(modal_app.RESOURCES)  # plain data: printable, diffable
+
+
+def test_retrain_gpu_flag_reaches_the_modal_settings_and_needs_modal_backend(tmp_path):
+    """`router retrain --gpu A100-80GB` picks the Modal GPU; without --backend modal it is refused."""
+    from typer.testing import CliRunner
+
+    import vlrouter.cli.main  # noqa: F401  (attaches every command)
+    from vlrouter.backends.modal_run import app_settings
+    from vlrouter.cli.app import app
+    from vlrouter.core.registry import Registry
+    from vlrouter.core.train import resolve_options
+
+    reg_path = tmp_path / "registry.yaml"
+    reg_path.write_text("base_model: Qwen/Qwen3-VL-8B-Instruct\nadapters: []\n")
+    reg = Registry.load(reg_path)
+    opts = resolve_options(reg, {"gpu": "A100-80GB"})
+    assert opts.gpu == "A100-80GB"
+    assert "A100-80GB" in app_settings(reg, opts.gpu).values()
+    before = reg_path.read_bytes()
+    res = CliRunner().invoke(app, ["retrain", "--gpu", "H100", "--registry", str(reg_path)])
+    assert res.exit_code != 0 and "--backend modal" in res.output
+    assert reg_path.read_bytes() == before

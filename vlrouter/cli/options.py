@@ -31,3 +31,5 @@ EvalSamplesOpt = Annotated[Optional[int], typer.Option("--eval-samples", min=0,
                                                        help="Extra held-out samples per adapter (seed's --eval-samples).")]
 BackendOpt = Annotated[Optional[str], typer.Option("--backend", help="Training backend: local or modal (train.backend).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Promote even if validation accuracy is below the live router's.")]
+GpuOpt = Annotated[Optional[str], typer.Option("--gpu", help="Modal GPU type for --backend modal, e.g. H100, A100-80GB, "
+                                                           "H100:2 (default: modal.gpu in registry.yaml).")]

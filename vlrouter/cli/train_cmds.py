@@ -21,6 +21,7 @@ from vlrouter.cli.options import (
     BackendOpt,
     BaseModelOpt,
     BatchSizeOpt,
+    GpuOpt,
     DeviceOpt,
     EpochsOpt,
     EvalSamplesOpt,
@@ -32,7 +33,7 @@ from vlrouter.cli.options import (
     TrainSamplesOpt,
 )
 from vlrouter.cli.ui import RichProgress, console, handle_errors, print_json
-from vlrouter.core.errors import PromotionRefused
+from vlrouter.core.errors import InputError, PromotionRefused
 
 DatasetOpt = Annotated[Optional[Path], typer.Option(
     "--dataset", help="A routing dataset folder (routing_YYYYMMDD_HHMMSS). Default: the newest under "
@@ -228,6 +229,7 @@ def retrain_cmd(
     eval_samples: EvalSamplesOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
+    gpu: GpuOpt = None,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
 ) -> None:
@@ -241,7 +243,9 @@ def retrain_cmd(
     reg = Registry.load(registry)
     overrides = _overrides(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
                            base_model_id=base_model_id, train_samples=train_samples, eval_samples=eval_samples,
-                           seed=seed, device=device)
+                           seed=seed, device=device, gpu=gpu)
+    if gpu and (backend or reg.model.train.backend) != "modal":
+        raise InputError("--gpu chooses a Modal GPU (fix: add --backend modal, or drop --gpu)")
     try:
         result = run_retrain(reg, overrides=overrides, force=force, progress=RichProgress(), backend=backend)
     except PromotionRefused as e:

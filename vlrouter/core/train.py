@@ -66,6 +66,7 @@ class TrainOptions(TrainSection):
     layer: int = -1
     dtype: str = "auto"
     device: str | None = None
+    gpu: str | None = None  # Modal GPU type for --backend modal (else registry.yaml modal.gpu)
 
 
 OVERRIDE_ALIASES = {"base_model_id": "base_model"}
