@@ -449,7 +449,7 @@ Preset = enum.Enum("Preset", {name: name for name in PRESETS}, type=str)
 def tiny_model_cmd(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the model, tokenizer and processor into.")],
     preset: Annotated[Preset, typer.Option(
-        "--preset", help="tiny: ~0.2M parameters for tests and the demo; 100m: ~100M parameters for "
+        "--preset", help="tiny: ~0.2M parameters for tests; demo: ~2M for the demo; 100m: ~100M parameters for "
                          "benchmarks.")] = Preset("tiny"),
 ) -> None:
     """Build a random Qwen3-VL (model + tokenizer + image processor + chat template) offline.
