@@ -33,3 +33,5 @@ BackendOpt = Annotated[Optional[str], typer.Option("--backend", help="Training b
 ForceOpt = Annotated[bool, typer.Option("--force", help="Promote even if validation accuracy is below the live router's.")]
 GpuOpt = Annotated[Optional[str], typer.Option("--gpu", help="Modal GPU type for --backend modal, e.g. H100, A100-80GB, "
                                                            "H100:2 (default: modal.gpu in registry.yaml).")]
+NoRetrainOpt = Annotated[bool, typer.Option(
+    "--no-retrain", help="Only edit registry.yaml; the router stays stale until `router retrain`.")]

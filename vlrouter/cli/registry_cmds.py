@@ -30,6 +30,7 @@ from vlrouter.cli.options import (
     ForceOpt,
     JsonOpt,
     LrOpt,
+    NoRetrainOpt,
     PatienceOpt,
     RegistryOpt,
 )
@@ -306,8 +307,7 @@ def add_adapter_cmd(
     plugin: Annotated[Optional[str], typer.Option(
         "--plugin", help="Python module providing the adapter's hooks (written as `plugin:`; it is imported, "
                          "so only name code you trust).")] = None,
-    no_retrain: Annotated[bool, typer.Option(
-        "--no-retrain", help="Only edit registry.yaml; the router stays stale until `router retrain`.")] = False,
+    no_retrain: NoRetrainOpt = False,
     epochs: EpochsOpt = None,
     batch_size: BatchSizeOpt = None,
     lr: LrOpt = None,
@@ -387,8 +387,7 @@ def add_adapter_cmd(
 @handle_errors
 def remove_adapter_cmd(
     name: Annotated[str, typer.Argument(help="Adapter name to remove; later labels move up by one.")],
-    no_retrain: Annotated[bool, typer.Option(
-        "--no-retrain", help="Only edit registry.yaml; the router stays stale until `router retrain`.")] = False,
+    no_retrain: NoRetrainOpt = False,
     epochs: EpochsOpt = None,
     batch_size: BatchSizeOpt = None,
     lr: LrOpt = None,

@@ -119,7 +119,6 @@ def load_processor(base_model: str, *, revision: str | None = None):
 def load_base_model(base_model: str, *, device: str | None = None, dtype: str | None = None,
                     revision: str | None = None):
     """Load Qwen3-VL for conditional generation, frozen, in eval mode."""
-    import torch
     from transformers import AutoModelForImageTextToText
 
     dev = resolve_device(device)

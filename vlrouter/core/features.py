@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -41,6 +40,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vlrouter.core.atomic import atomic_target
 from vlrouter.core.errors import ImageError, InputError, TrainingError, located
 from vlrouter.core.progress import Progress, progress_or_null
 
@@ -99,19 +99,9 @@ class FeatureCache:
         from safetensors.torch import save_file
 
         p = self.path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:8]}.", suffix=".tmp", dir=p.parent)
-        os.close(fd)
-        try:
-            save_file({FEATURE_TENSOR: feature.detach().float().cpu().contiguous()}, tmp,
+        with atomic_target(p) as tmp:
+            save_file({FEATURE_TENSOR: feature.detach().float().cpu().contiguous()}, str(tmp),
                       metadata={"encoder": self.encoder_fp, **(meta or {})})
-            os.replace(tmp, p)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
         return p
 
     def __len__(self) -> int:

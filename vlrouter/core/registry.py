@@ -13,9 +13,7 @@ import difflib
 import hashlib
 import io
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.reader import ReaderError
 
+from vlrouter.core.atomic import atomic_write_bytes  # noqa: F401  (re-exported: callers use registry.atomic_write_bytes)
 from vlrouter.core.errors import RegistryError, located
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
@@ -212,12 +212,18 @@ class Registry:
         except MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             line = mark.line + 1 if mark is not None else None
-            raise RegistryError(located(p, line, f"YAML syntax error: {e.problem or e.context}",
+            raise RegistryError(located(p, line, f"YAML syntax error: {_one_line(e.problem or e.context)}",
                                         fix="fix the indentation/quoting on that line")) from None
+        except ReaderError as e:  # a control character (NUL, …) that YAML forbids
+            line = text.count("\n", 0, e.position) + 1 if isinstance(e.position, int) else None
+            what = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+            raise RegistryError(located(p, line, f"YAML error: unacceptable character {what} ({e.reason})",
+                                        fix="remove the control character from that line")) from None
         except YAMLError as e:
-            raise RegistryError(located(p, None, f"YAML error: {e}", fix="fix the YAML")) from None
+            raise RegistryError(located(p, None, f"YAML error: {_one_line(e)}", fix="fix the YAML")) from None
         except Exception as e:  # ruamel raises a few non-YAMLError types on odd input
-            raise RegistryError(located(p, None, f"YAML error: {type(e).__name__}: {e}", fix="fix the YAML")) from None
+            raise RegistryError(located(p, None, f"YAML error: {type(e).__name__}: {_one_line(e)}",
+                                        fix="fix the YAML")) from None
         if doc is None:
             raise RegistryError(located(p, None, "file holds no YAML document",
                                         fix="add at least `base_model:` and `adapters:`"))
@@ -379,6 +385,11 @@ class Registry:
         return target
 
 
+def _one_line(err: BaseException) -> str:
+    """An exception's message on one line (the CLI prints every error as one line)."""
+    return " ".join(str(err).split())
+
+
 def fingerprint_labels(names: list[str]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
@@ -438,30 +449,6 @@ def dump_yaml(doc: Any) -> str:
     buf = io.StringIO()
     _yaml().dump(doc, buf)
     return buf.getvalue()
-
-
-def atomic_write_bytes(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` so that readers see the old or the new bytes, never half."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    mode = None
-    if target.exists():
-        mode = target.stat().st_mode & 0o777
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def new_registry_text(base_model: str, adapters: list[AdapterEntry], **router_train: Any) -> str:
