@@ -185,6 +185,9 @@ def _iter_records(path: Path):
             except json.JSONDecodeError as e:
                 raise DatasetError(located(path, line_no, f"not valid JSON: {e.msg} (column {e.colno})",
                                            fix="one JSON object per line (JSON Lines)")) from None
+            except (ValueError, RecursionError) as e:  # an integer over the digit limit, nesting too deep
+                raise DatasetError(located(path, line_no, f"JSON that cannot be read: {' '.join(str(e).split())}",
+                                           fix="one flat JSON object per line (JSON Lines)")) from None
             if not isinstance(record, dict):
                 raise DatasetError(located(path, line_no, f"expected a JSON object, got {type(record).__name__}",
                                            fix="one JSON object per line (JSON Lines)"))
@@ -227,7 +230,10 @@ def _parse(record: dict, path: Path, line_no: int, *, adapter: str | None) -> Sa
         raise DatasetError(located(where, "image", "missing or not a path string", line=line_no,
                                    fix='add "image": "images/xxx.png" (relative to the JSONL folder)'))
     prompt, target = _turns(record, where, line_no)
-    img = Path(image).expanduser()
+    try:
+        img = Path(image).expanduser()
+    except RuntimeError:  # "~user/..." for a user that does not exist: a path that is missing, so skipped
+        img = Path(image)
     if not img.is_absolute():
         img = path.parent / img
     sid = record.get("id")
