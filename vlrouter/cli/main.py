@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "vlrouter.cli.engine_cmds",  # route, act
     "vlrouter.cli.demo_cmds",  # demo
     "vlrouter.cli.modal_cmds",  # upload-dataset
+    "vlrouter.cli.seed_cmds",  # import-seed-head
 )
 
 for _mod in COMMAND_MODULES:
