@@ -53,6 +53,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
     from vlrouter.core.registry import Registry
 
 IMAGE_TOKEN = "<image>"
+_CR_ONLY = re.compile(r"\r(?!\n)")
 SPLITS = ("train", "val", "eval")
 METADATA_FILE = "metadata.json"
 ROUTING_PREFIX = "routing_"
@@ -161,7 +163,7 @@ def strip_image_token(text: str) -> str:
 def _iter_records(path: Path):
     """Yield ``(line_no, record)`` for every non-blank line; errors name file:line."""
     try:
-        fh = path.open("r", encoding="utf-8")
+        fh = path.open("rb")  # decoded line by line, so a bad byte is reported on its own line
     except FileNotFoundError:
         raise DatasetError(located(path, None, "dataset file not found",
                                    fix="check the adapter's `dataset:` in registry.yaml")) from None
@@ -169,29 +171,32 @@ def _iter_records(path: Path):
         raise DatasetError(located(path, None, f"cannot read: {e.strerror}", fix="point at a .jsonl file")) from None
     with fh:
         line_no = 0
-        while True:
-            line_no += 1
+        for raw in fh:
             try:
-                line = fh.readline()
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DatasetError(located(path, line_no, f"not UTF-8 text ({e.reason})",
-                                           fix="save the file as UTF-8")) from None
-            if not line:
-                return
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(located(path, line_no, f"not valid JSON: {e.msg} (column {e.colno})",
-                                           fix="one JSON object per line (JSON Lines)")) from None
-            except (ValueError, RecursionError) as e:  # an integer over the digit limit, nesting too deep
-                raise DatasetError(located(path, line_no, f"JSON that cannot be read: {' '.join(str(e).split())}",
-                                           fix="one flat JSON object per line (JSON Lines)")) from None
-            if not isinstance(record, dict):
-                raise DatasetError(located(path, line_no, f"expected a JSON object, got {type(record).__name__}",
-                                           fix="one JSON object per line (JSON Lines)"))
-            yield line_no, record
+                raise DatasetError(located(path, line_no + 1, f"not UTF-8 text ({e.reason} at byte {e.start} of "
+                                           "the line)", fix="save the file as UTF-8")) from None
+            for line in _CR_ONLY.split(text):  # a lone \r ends a line too (universal newlines)
+                line_no += 1
+                if line.strip():
+                    yield line_no, _record(path, line_no, line)
+
+
+def _record(path: Path, line_no: int, line: str) -> dict:
+    """One JSONL line as a JSON object; errors name file:line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DatasetError(located(path, line_no, f"not valid JSON: {e.msg} (column {e.colno})",
+                                   fix="one JSON object per line (JSON Lines)")) from None
+    except (ValueError, RecursionError) as e:  # an integer over the digit limit, nesting too deep
+        raise DatasetError(located(path, line_no, f"JSON that cannot be read: {' '.join(str(e).split())}",
+                                   fix="one flat JSON object per line (JSON Lines)")) from None
+    if not isinstance(record, dict):
+        raise DatasetError(located(path, line_no, f"expected a JSON object, got {type(record).__name__}",
+                                   fix="one JSON object per line (JSON Lines)"))
+    return record
 
 
 def verify_image(path: str | Path) -> str | None:
