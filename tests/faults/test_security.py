@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 
 import vlrouter.cli.main  # noqa: F401  (attaches every command to the app)
 from vlrouter.cli.app import app
-from vlrouter.core.errors import CheckpointError, ImageError, InputError
+from vlrouter.core.errors import CheckpointError, ImageError
 from vlrouter.core.head import HeadShape, RouterMeta, build_head, load_router, save_router
 from vlrouter.core.images import open_image
 from vlrouter.core.seed_import import import_seed_head
@@ -302,13 +302,3 @@ def test_an_image_bomb_in_a_dataset_is_skipped_as_corrupt_without_decoding(tmp_p
     assert time.perf_counter() - t0 < 1.0 and _rss_mb() - rss < 50
     assert [s.id for s in samples] == ["ok"] and skipped.corrupt == ["bomb"]
     assert "1 corrupt image (id bomb)" in skipped.summary()
-
-
-def test_input_errors_do_not_reach_the_model(engine):
-    """Bad arguments are refused before the model runs (the cheap checks come first)."""
-    with pytest.raises(InputError, match="max_new_tokens"):
-        engine.act(H.screen("calendar"), "Click", max_new_tokens=-1)
-    with pytest.raises(InputError, match="no \\(image, prompt\\) items"):
-        engine.act_batch([])
-    with pytest.raises(InputError, match="got 1 images for 2 prompts"):
-        engine.embed([H.screen("calendar")], ["a", "b"])
