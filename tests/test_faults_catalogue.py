@@ -53,7 +53,7 @@ def test_every_named_test_exists():
                 missing.append(f"{path} (no such file)")
                 continue
             text = f.read_text(encoding="utf-8")
-            if not re.search(rf"^\s*def {name}\(", text, re.M):
+            if not re.search(rf"^\s*def {name}\(", text, re.MULTILINE):
                 missing.append(f"{path}::{name} (no such test)")
             elif param and param not in text:
                 missing.append(f"{path}::{name}[{param}] (no such parametrized id in the file)")

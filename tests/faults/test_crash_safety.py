@@ -138,7 +138,7 @@ def _check_consistent(project: Path, *, old_adapters: list[str], registry_before
     reg = Registry.load(project / "registry.yaml")
     assert now == registry_before or reg.adapter_names[: len(old_adapters)] == old_adapters
     # the live router: loads whole, and is the old one or one for the registry's adapters
-    head, meta = load_router(project / "runs" / "router")
+    _, meta = load_router(project / "runs" / "router")
     assert meta.adapters in (old_adapters, new_adapters or reg.adapter_names), meta.adapters
     assert meta.head.num_labels == len(meta.adapters)
     # every cache entry under its final name reads back whole (temp files are never read)
