@@ -19,6 +19,8 @@ input                                      outcome
 =========================================  ===========================================
 blank line                                 ignored
 line that is not JSON                      DatasetError ``file:LINE``
+line not UTF-8, nested too deep, or with   DatasetError ``file:LINE``
+an integer over Python's digit limit
 line that is JSON but not an object        DatasetError ``file:LINE``
 no ``image`` / no ``conversations`` list   DatasetError ``file:LINE``
 conversation without a human turn          DatasetError ``file:LINE``
