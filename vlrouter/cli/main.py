@@ -9,7 +9,7 @@ from vlrouter.cli.ui import quiet_libraries
 
 COMMAND_MODULES = (
     "vlrouter.cli.registry_cmds",  # plugins, status, add-adapter, remove-adapter, tiny-model
-    "vlrouter.cli.train_cmds",  # build-dataset, embed, train, eval, retrain, upload-dataset
+    "vlrouter.cli.train_cmds",  # build-dataset, embed, train, eval, retrain
     "vlrouter.cli.engine_cmds",  # route, act
     "vlrouter.cli.demo_cmds",  # demo
     "vlrouter.cli.modal_cmds",  # upload-dataset
@@ -17,11 +17,7 @@ COMMAND_MODULES = (
 )
 
 for _mod in COMMAND_MODULES:
-    try:
-        importlib.import_module(_mod)
-    except ModuleNotFoundError as e:  # a command group not written yet in this checkout
-        if e.name != _mod:
-            raise
+    importlib.import_module(_mod)
 
 
 def run() -> None:
