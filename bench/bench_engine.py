@@ -212,6 +212,40 @@ def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
+def render(results: dict) -> str:
+    """The markdown tables of one run's results (what bench/run prints and the README shows)."""
+    mem, lat = results["memory_100m"], results["latency"]
+    base, imports = mem["base"]["peak_rss_mib"], mem["imports"]["peak_rss_mib"]
+    lines = [
+        f"### Memory: peak RSS, 100M preset, fresh process each (CPU, fp32, one request, "
+        f"max_new_tokens={results['max_new_tokens']})",
+        "",
+        "| process holds | peak RSS (MiB) | vs base alone | above imports (MiB) | above imports vs base |",
+        "|---|---:|---:|---:|---:|",
+        f"| imports only (torch, transformers, peft, vlrouter) | {imports:.0f} | - | - | - |",
+    ]
+    labels = {"base": "base model alone", "engine": "**Engine, 3 adapters (one shared base)**",
+              "seed": "seed design: base for routing + 2nd base in a PeftModel with 3 adapters"}
+    for m in ("base", "engine", "seed"):
+        rss = mem[m]["peak_rss_mib"]
+        lines.append(f"| {labels[m]} | {rss:.0f} | {rss / base:.2f}x | {rss - imports:.0f} | "
+                     f"{(rss - imports) / (base - imports):.2f}x |")
+    lines += [
+        "",
+        f"### Act latency on CPU ({results['cpu_count']} cores; median of {results['runs']} acts, greedy, "
+        f"max_new_tokens={results['max_new_tokens']})",
+        "",
+        "| model | base params | LoRA params (3 adapters) | route ms | generate ms | total ms | vision-tower calls / act |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in ("tiny", "100m"):
+        r = lat[p]
+        lines.append(f"| {p} | {_fmt_params(r['base_params'])} | {_fmt_params(r['lora_params_3_adapters'])} | "
+                     f"{r['route_ms']:.1f} | {r['generate_ms']:.1f} | {r['total_ms']:.1f} | "
+                     f"{r['vision_calls_per_act']:g} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", dest="json_path", help="also write the results as JSON here")
@@ -244,40 +278,12 @@ def main() -> None:
     os.environ["VLROUTER_BENCH_RUNS"] = str(args.runs)
     lat = {p: run_child("latency", regs[p], args.max_new_tokens) for p in ("tiny", "100m")}
 
-    base, imports = mem["base"]["peak_rss_mib"], mem["imports"]["peak_rss_mib"]
-    lines = [
-        f"### Memory: peak RSS, 100M preset, fresh process each (CPU, fp32, one request, "
-        f"max_new_tokens={args.max_new_tokens})",
-        "",
-        "| process holds | peak RSS (MiB) | vs base alone | above imports (MiB) | above imports vs base |",
-        "|---|---:|---:|---:|---:|",
-        f"| imports only (torch, transformers, peft, vlrouter) | {imports:.0f} | - | - | - |",
-    ]
-    labels = {"base": "base model alone", "engine": "**Engine, 3 adapters (one shared base)**",
-              "seed": "seed design: base for routing + 2nd base in a PeftModel with 3 adapters"}
-    for m in ("base", "engine", "seed"):
-        rss = mem[m]["peak_rss_mib"]
-        lines.append(f"| {labels[m]} | {rss:.0f} | {rss / base:.2f}x | {rss - imports:.0f} | "
-                     f"{(rss - imports) / (base - imports):.2f}x |")
-    lines += [
-        "",
-        f"### Act latency on CPU ({os.cpu_count()} cores; median of {args.runs} acts, greedy, "
-        f"max_new_tokens={args.max_new_tokens})",
-        "",
-        "| model | base params | LoRA params (3 adapters) | route ms | generate ms | total ms | vision-tower calls / act |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for p in ("tiny", "100m"):
-        r = lat[p]
-        lines.append(f"| {p} | {_fmt_params(r['base_params'])} | {_fmt_params(r['lora_params_3_adapters'])} | "
-                     f"{r['route_ms']:.1f} | {r['generate_ms']:.1f} | {r['total_ms']:.1f} | "
-                     f"{r['vision_calls_per_act']:g} |")
-    print("\n".join(lines))
+    results = {"memory_100m": mem, "latency": lat, "max_new_tokens": args.max_new_tokens, "runs": args.runs,
+               "cpu_count": os.cpu_count()}
+    print(render(results))
     print(f"\n(bench took {time.time() - t_start:.0f}s)", file=sys.stderr)
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps({"memory_100m": mem, "latency": lat,
-                                                    "max_new_tokens": args.max_new_tokens, "runs": args.runs,
-                                                    "cpu_count": os.cpu_count()}, indent=2) + "\n")
+        Path(args.json_path).write_text(json.dumps(results, indent=2) + "\n")
     if tmp is not None:
         tmp.cleanup()
 

@@ -167,6 +167,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render(results: dict) -> str:
+    """The markdown table of one run's results (what bench/run prints and the README shows)."""
+    return (table(results["rows"]) + f"\n\n{results['cpus']} CPUs, torch {results['torch']}, "
+            f"Python {results.get('python', '?')}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", type=Path, help="also write the numbers here")
@@ -183,11 +189,12 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vlrouter-bench-train-"))
     workdir.mkdir(parents=True, exist_ok=True)
     rows = [bench_model(p.strip(), workdir, args.samples, args.head_steps) for p in args.models.split(",") if p.strip()]
-    print(table(rows))
-    print(f"\n{os.cpu_count()} CPUs, torch {torch.__version__}, {platform.python_version()}; workdir {workdir}")
+    results = {"rows": rows, "cpus": os.cpu_count(), "torch": torch.__version__,
+               "python": platform.python_version()}
+    print(render(results))
+    print(f"workdir {workdir}", file=sys.stderr)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "cpus": os.cpu_count(), "torch": torch.__version__},
-                                        indent=2) + "\n")
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

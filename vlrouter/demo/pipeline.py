@@ -60,7 +60,7 @@ def _write_registry(root: Path, base_model: str, cfg: DemoConfig) -> Path:
     text = new_registry_text(
         base_model, entries,
         epochs=cfg.epochs, batch_size=16, lr=1.0e-3, patience=10, eval_every=10, val_fraction=0.2,
-        seed=cfg.seed, train_samples=cfg.samples_per_task, workers=2,
+        seed=cfg.seed, train_samples=cfg.samples_per_task, workers=1,  # 2 cores: workers cost more than they save
     )
     path = root / "registry.yaml"
     atomic_write_bytes(path, text.encode())

@@ -1,0 +1,27 @@
+"""The README's benchmark tables are exactly what `bench/run` prints for the committed results."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _report():
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_benchmark_block_matches_bench_run_output():
+    report = _report()
+    assert report.readme_block() == report.block(), "README benchmarks differ: run `bash bench/run --update-readme`"
+
+
+def test_readme_names_the_one_benchmark_command():
+    readme = (ROOT / "README.md").read_text()
+    run = (ROOT / "bench" / "run").read_text()
+    assert "bash bench/run" in readme and "make bench" in readme
+    assert "bench/bench_train.py" in run and "bench/bench_engine.py" in run and "bench/report.py" in run
