@@ -118,6 +118,7 @@ def train_demo_lora(
         texts = processor.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         ok = sum(parse(t) is not None for t in texts)
     out = Path(out_dir)
-    peft_model.save_pretrained(out)
+    # lm_head is a LoRA target, but only the LoRA weights change: do not copy the full lm_head
+    peft_model.save_pretrained(out, save_embedding_layers=False)
     return LoraReport(adapter=adapter, steps=steps, final_loss=loss_value,
                       parse_rate=ok / len(sample) if sample and parse else 0.0, checked=len(sample))
