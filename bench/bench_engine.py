@@ -45,16 +45,13 @@ PROMPTS = ["Click March 29 in the calendar", "Type the claim number into the for
 
 
 def _quiet() -> None:
+    """The CLI's quieting (no transformers/hub chatter or bars) plus no warnings at all."""
     import warnings
 
-    warnings.filterwarnings("ignore")
-    try:
-        import transformers
+    from vlrouter.cli.ui import quiet_libraries
 
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:
-        pass
+    quiet_libraries()
+    warnings.filterwarnings("ignore")
 
 
 def _screen(i: int):
