@@ -85,7 +85,6 @@ FEATURE_RUNS_DIR = "features/runs"
 MODELS_DIR = "models"
 HF_CACHE_DIR = "hf-cache"
 ROUTERS_DIR = "routers"
-TENSORBOARD_DIR = "tensorboard"
 
 # The project's runtime dependencies (pyproject.toml), installed into the image.
 PIP_PACKAGES = [

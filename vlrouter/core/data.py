@@ -474,7 +474,7 @@ def build_routing_dataset(registry: Registry, out_root: str | Path, *, train_sam
                     prog.log(f"{entry.name}: only {len(pool)} usable samples for --train-samples {train_samples}")
                 if eval_samples and len(held) < eval_samples:
                     prog.log(f"{entry.name}: only {len(held)} samples left for --eval-samples {eval_samples}")
-                n_train, n_val = split_counts(len(pool), val_fraction)
+                _, n_val = split_counts(len(pool), val_fraction)
                 parts = {"val": pool[:n_val], "train": pool[n_val:], "eval": held}
                 for split, items in parts.items():
                     # image paths relative to tmp, which sits beside the final folder

@@ -280,7 +280,7 @@ class Registry:
             if a.name == name:
                 return a
         raise RegistryError(located(self.path, "adapters", f"no adapter named {name!r}"
-                                    + _suggest(name, self.adapter_names), fix="`router status` lists them"))
+                                    + suggest(name, self.adapter_names), fix="`router status` lists them"))
 
     def index_of(self, name: str) -> int:
         return self.adapter_names.index(self.adapter(name).name)
@@ -394,14 +394,10 @@ def fingerprint_labels(names: list[str]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
-def _suggest(name: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
-    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-
-
 def suggest(name: str, candidates: list[str]) -> str:
     """``"; did you mean 'x'?"`` or ``""``: for errors about unknown names."""
-    return _suggest(name, candidates)
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
 def _plain(node: Any) -> Any:

@@ -200,7 +200,3 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | str = "tiny") -> Path
             p.write_text(json.dumps(data, indent=2))
     (out / "vlrouter_tiny.json").write_text(json.dumps({"spec": asdict(spec)}, indent=2))
     return out
-
-
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
