@@ -1,4 +1,4 @@
-# Two entry points for a newcomer: `make demo` and `make test`. Both create .venv first.
+# Two entry points for a newcomer: `make demo` and `make test` (lint + the suite). Both create .venv first.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/router demo demo-run
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

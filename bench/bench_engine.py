@@ -93,7 +93,8 @@ def build_project(root: Path, preset: str) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from vlrouter.core.head import HeadShape, RouterMeta, build_head, save_router
+    from vlrouter.core.head import HeadShape, build_head
+    from vlrouter.core.store import RouterMeta, save_router
     from vlrouter.core.tiny import build_tiny_model
 
     model_dir = build_tiny_model(root / f"qwen3-vl-{preset}", preset)
@@ -137,7 +138,8 @@ def child(mode: str, registry: Path, max_new_tokens: int) -> dict:
         load_base_model,
         load_processor,
     )
-    from vlrouter.core.engine import AdapterSource, Engine, load_adapters
+    from vlrouter.core.engine import Engine
+    from vlrouter.core.lora import AdapterSource, load_adapters
     from vlrouter.core.registry import Registry
 
     _quiet()
@@ -232,7 +234,8 @@ def render(results: dict) -> str:
         f"### Act latency on CPU ({results['cpu_count']} cores; median of {results['runs']} acts, greedy, "
         f"max_new_tokens={results['max_new_tokens']})",
         "",
-        "| model | base params | LoRA params (3 adapters) | route ms | generate ms | total ms | vision-tower calls / act |",
+        "| model | base params | LoRA params (3 adapters) | route ms | generate ms | total ms "
+        "| vision-tower calls / act |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for p in ("tiny", "100m"):

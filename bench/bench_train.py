@@ -8,10 +8,10 @@ Builds (offline, in a temp folder unless ``--workdir``) random Qwen3-VL models w
 and synthetic per-task screenshot datasets (``tests/helpers.py``), then measures per model:
 
 * **(a) cold retrain** over 3 adapters (empty feature cache) vs **add-adapter retrain**
-  of a 4th (:func:`vlrouter.core.train.run_retrain` on the edited registry, as
+  of a 4th (:func:`vlrouter.core.recipe.run_retrain` on the edited registry, as
   ``router add-adapter`` does): wall time, samples embedded, encoder forward calls.
   Both use ``workers=1`` so the comparison is about the cache, not the pool.
-* **(b) head training** samples/s (:func:`vlrouter.core.train.train_head` on the cached
+* **(b) head training** samples/s (:func:`vlrouter.core.fit.train_head` on the cached
   features, fixed step count, no early stop).
 * **(c) embedding** samples/s of :func:`vlrouter.core.features.embed_dataset` on the
   3-adapter routing dataset with an empty cache, ``workers=1`` vs ``workers=2``
@@ -79,13 +79,14 @@ class ForwardCounter:
 def bench_model(preset: str, workdir: Path, n: int, head_steps: int) -> dict:
     import torch
 
-    from tests.helpers import make_dataset, make_registry
+    from tests.helpers import make_dataset, make_registry, retrain
     from vlrouter.core.data import load_routing_dataset
     from vlrouter.core.encoder import Encoder
     from vlrouter.core.features import FeatureCache, embed_dataset
+    from vlrouter.core.fit import train_head
+    from vlrouter.core.options import resolve_options
     from vlrouter.core.registry import AdapterEntry, Registry
     from vlrouter.core.tiny import build_tiny_model
-    from vlrouter.core.train import resolve_options, run_retrain, train_head
 
     model_dir = workdir / f"model-{preset}"
     if not (model_dir / "config.json").exists():
@@ -99,13 +100,13 @@ def bench_model(preset: str, workdir: Path, n: int, head_steps: int) -> dict:
     try:
         # (a) cold retrain over 3 adapters, then the add-adapter retrain of a 4th
         t0 = time.perf_counter()
-        cold = run_retrain(reg, overrides={})
+        cold = retrain(reg)
         out["cold_s"] = time.perf_counter() - t0
         out["cold_forward_calls"], out["cold_forward_samples"] = counter.reset()
         out["cold_embedded_new"], out["cold_val_acc"] = cold.embedded_new, cold.val_acc
         new = reg.add_adapter(AdapterEntry(name=NEW_TASK, dataset=str(ds4), checkpoint=str(proj / "ck")))
         t0 = time.perf_counter()
-        add = run_retrain(new, overrides={})
+        add = retrain(new)
         out["add_s"] = time.perf_counter() - t0
         out["add_forward_calls"], out["add_forward_samples"] = counter.reset()
         out["add_embedded_new"], out["add_reused_cached"], out["add_val_acc"] = (add.embedded_new, add.reused_cached,

@@ -6,8 +6,7 @@ a few hundred steps on features computed with the encoder.
 
 Import from a test module with::
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/
-    import engine_helpers
+        import engine_helpers
 """
 
 from __future__ import annotations
@@ -113,8 +112,9 @@ def train_router(registry_path: str | Path, *, encoder=None, names=None, tempera
     import torch
 
     from vlrouter.core.encoder import Encoder
-    from vlrouter.core.head import HeadShape, RouterMeta, build_head, save_router
+    from vlrouter.core.head import HeadShape, build_head
     from vlrouter.core.registry import Registry
+    from vlrouter.core.store import RouterMeta, save_router
 
     reg = Registry.load(registry_path)
     names = list(names or reg.adapter_names)

@@ -138,3 +138,27 @@ def corrupt_file(path: str | Path) -> None:
     p = Path(path)
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2])
+
+
+def blobs(n_per_class=(20, 20, 20), dim=16, seed=0, spread=1.0):
+    """Gaussian clusters, one per class: ``(x [N, dim], y [N])``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(len(n_per_class), dim, generator=g) * 3
+    xs, ys = [], []
+    for c, n in enumerate(n_per_class):
+        xs.append(centers[c] + spread * torch.randn(n, dim, generator=g))
+        ys += [c] * n
+    return torch.cat(xs), torch.tensor(ys)
+
+
+def retrain(registry, **overrides):
+    """``router retrain`` in-process on the local backend: ``registry`` is a Registry or a path to one."""
+    from vlrouter.backends.local import retrain_local
+    from vlrouter.core.options import resolve_options
+    from vlrouter.core.recipe import run_retrain
+    from vlrouter.core.registry import Registry
+
+    reg = registry if isinstance(registry, Registry) else Registry.load(registry)
+    return run_retrain(reg, resolve_options(reg, overrides), retrain_local)

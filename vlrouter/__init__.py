@@ -6,24 +6,31 @@ Public API::
     engine = Engine.from_registry("registry.yaml")
     action = engine.act("screen.png", "Click March 29")
 
-Plugins use :data:`hookimpl` and :class:`AdapterSpec`.
+Plugins use :data:`hookimpl` and :class:`AdapterSpec`. ``import vlrouter`` does not import
+torch or transformers; :class:`Engine`, :class:`Route`, :class:`Action` and :class:`UIAction`
+load on first use.
 """
 
-from vlrouter.plugins.hookspecs import hookimpl
-from vlrouter.plugins.manager import AdapterSpec
+from importlib.metadata import PackageNotFoundError, version
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("vlrouter")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+from vlrouter.plugins.hookspecs import hookimpl  # noqa: E402
+from vlrouter.plugins.manager import AdapterSpec  # noqa: E402
 
 __all__ = ["AdapterSpec", "Action", "Engine", "Route", "UIAction", "__version__", "hookimpl"]
 
+_LAZY = {"Engine": "vlrouter.core.engine", "Route": "vlrouter.core.engine", "Action": "vlrouter.core.engine",
+         "UIAction": "vlrouter.core.actions"}
 
-def __getattr__(name):  # lazy: `import vlrouter` must not import torch/transformers
-    if name in ("Engine", "Route", "Action"):
-        from vlrouter.core import engine
 
-        return getattr(engine, name)
-    if name == "UIAction":
-        from vlrouter.core.actions import UIAction
+def __getattr__(name: str):
+    """Engine, Route, Action and UIAction on first use (they pull in the engine room)."""
+    if name in _LAZY:
+        import importlib
 
-        return UIAction
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'vlrouter' has no attribute {name!r}")

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
-from helpers import make_registry  # noqa: E402
-
-from vlrouter.backends import modal_run  # noqa: E402
-from vlrouter.core.errors import BackendError  # noqa: E402
-from vlrouter.core.progress import RecordingProgress  # noqa: E402
+from tests.helpers import make_registry
+from vlrouter.backends import modal_run
+from vlrouter.core.errors import BackendError
+from vlrouter.core.options import resolve_options
+from vlrouter.core.progress import RecordingProgress
+from vlrouter.core.recipe import RetrainRequest, SplitFeatures
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -225,7 +225,8 @@ def test_upload_plan_is_self_contained(project, tmp_path):
         a, b = local.split(split), remote.split(split)
         assert [(s.id, s.label, s.adapter, s.prompt) for s in a] == [(s.id, s.label, s.adapter, s.prompt) for s in b]
         for sa, sb in zip(a, b):
-            assert Path(sb.image).is_relative_to(tmp_path) and Path(sb.image).read_bytes() == Path(sa.image).read_bytes()
+            assert Path(sb.image).is_relative_to(tmp_path)
+            assert Path(sb.image).read_bytes() == Path(sa.image).read_bytes()
     assert remote.metadata["upload"]["source_fingerprint"] == local.fingerprint()
     assert remote.class_names == reg.adapter_names
 
@@ -307,17 +308,17 @@ def test_modal_failures_become_one_line_backend_errors():
 # ---- the function bodies, in-process, against temp roots --------------------------------------
 
 def test_function_bodies_with_local_make_the_same_router_as_the_local_backend(project, tmp_path, mapp):
+    import shutil
+
     import torch
 
-    from vlrouter.backends.base import RetrainRequest
-    from vlrouter.backends.local import LocalBackend
-    from vlrouter.core.head import load_router, new_version_dir
-    from vlrouter.core.train import resolve_options
+    from vlrouter.backends.local import retrain_local
+    from vlrouter.core.store import load_router, new_version_dir
 
     reg, _ = project
     opts = resolve_options(reg)
-    local = LocalBackend().retrain(RetrainRequest(registry=reg, options=opts))
-    ds_dir = Path(local.dataset_dir)
+    local = retrain_local(RetrainRequest(registry=reg, options=opts))
+    ds_dir = local.dataset_dir
 
     data, out, ck = tmp_path / "data", tmp_path / "output", tmp_path / "checkpoints"
     name = modal_run.stage_dataset(ds_dir, data)
@@ -329,14 +330,14 @@ def test_function_bodies_with_local_make_the_same_router_as_the_local_backend(pr
     info = mapp.embed.local(name, "run1", opts.base_model, pooling=opts.pooling, layer=opts.layer, dtype=opts.dtype,
                             batch_size=opts.embed_batch_size, workers=1, data_root=str(data))
     assert info["embedded_new"] == info["samples"] and info["reused_cached"] == 0
-    tstats = mapp.train.local(name, "run1", opts.model_dump(mode="json"), {**info, "base_model": opts.base_model},
-                              registry_fingerprint=reg.fingerprint(), expected_labels=reg.adapter_names,
+    tstats = mapp.train.local(name, "run1", opts.model_dump(mode="json"), info,
+                              registry_fingerprint=reg.fingerprint(),
                               data_root=str(data), output_root=str(out), checkpoints_root=str(ck))
     remote_dir = out / tstats["router_path"]
     assert (remote_dir / "head.safetensors").is_file() and (remote_dir / "router.json").is_file()
     assert tstats["checkpoints_on_volume"] == {n: False for n in reg.adapter_names}
 
-    head_a, meta_a = load_router(local.candidate_dir)
+    head_a, meta_a = load_router(local.dir)
     head_b, meta_b = load_router(remote_dir)
     assert meta_a.adapters == meta_b.adapters == reg.adapter_names
     assert meta_a.encoder_fingerprint == meta_b.encoder_fingerprint
@@ -350,13 +351,16 @@ def test_function_bodies_with_local_make_the_same_router_as_the_local_backend(pr
     cand = new_version_dir(reg.router_dir)
     try:
         modal_run.download_dir(FakeVolume(out), tstats["router_path"], cand)
-        stats = modal_run.finish_candidate(cand, registry=reg, dataset_dir=ds_dir, embed_info=info,
-                                           val_features=data / info["val_features"], modal_info={"run_id": "run1"})
+        features = SplitFeatures.from_file(data / info["features"])
+        features.stats.update(embedded_new=info["embedded_new"], reused_cached=info["reused_cached"])
+        candidate = modal_run.finish_candidate(cand, features, dataset_dir=ds_dir, modal_info={"run_id": "run1"})
         _, meta_c = load_router(cand)
         assert meta_c.dataset_fingerprint == meta_a.dataset_fingerprint  # the local dataset, not the upload
         assert meta_c.metrics["dataset_dir"] == str(ds_dir)
         assert meta_c.embedded_new == info["embedded_new"] and meta_c.metrics["modal"] == {"run_id": "run1"}
-        assert stats["val_acc"] == meta_a.metrics["val_acc"]
+        assert candidate.meta.metrics["val_acc"] == meta_a.metrics["val_acc"]
+        assert torch.equal(candidate.val_features, local.val_features)  # the gate scores the same samples
+        assert candidate.val_labels == local.val_labels
         assert (cand / "tensorboard").is_dir()
 
         # A second embed finds everything in the feature cache on the volume.
@@ -364,25 +368,23 @@ def test_function_bodies_with_local_make_the_same_router_as_the_local_backend(pr
                                  dtype=opts.dtype, batch_size=opts.embed_batch_size, workers=1, data_root=str(data))
         assert again["embedded_new"] == 0 and again["reused_cached"] == info["samples"]
     finally:
-        import shutil
-
         shutil.rmtree(cand, ignore_errors=True)
-        shutil.rmtree(local.candidate_dir, ignore_errors=True)
+        shutil.rmtree(local.dir, ignore_errors=True)
 
 
-def test_train_refuses_features_missing_from_the_cache(project, tmp_path, mapp):
+def test_train_refuses_a_missing_features_file_with_its_path(project, tmp_path, mapp):
     from vlrouter.core.errors import TrainingError
-    from vlrouter.core.train import resolve_options
 
     reg, ds = project
     opts = resolve_options(reg)
     data = tmp_path / "data"
     name = modal_run.stage_dataset(ds, data)
-    info = {"base_model": opts.base_model, "pooling": "mean", "layer": -1, "hidden_size": 64,
-            "encoder_fingerprint": "0" * 16, "val_features": ""}
-    with pytest.raises(TrainingError, match="missing from the cache"):
+    info = {"features": "features/runs/never-embedded.safetensors"}
+    with pytest.raises(TrainingError, match="never-embedded.safetensors: no usable features file") as e:
         mapp.train.local(name, "r", opts.model_dump(mode="json"), info, data_root=str(data),
                          output_root=str(tmp_path / "out"), checkpoints_root=str(tmp_path / "ck"))
+    assert "run the embed step again" in str(e.value)
+    assert not (tmp_path / "out" / "routers" / "r").exists()
 
 
 # ---- credentials and connectivity -----------------------------------------------------------
@@ -402,8 +404,9 @@ def live_project(tmp_path, tiny_model_dir):
     """A registry with a live router (a symlink into .router.versions), as after a local retrain."""
     import torch
 
-    from vlrouter.core.head import HeadShape, RouterMeta, build_head, new_version_dir, promote, save_router
+    from vlrouter.core.head import HeadShape, build_head
     from vlrouter.core.registry import Registry
+    from vlrouter.core.store import RouterMeta, new_version_dir, promote, save_router
 
     reg = Registry.load(make_registry(tmp_path / "proj", tiny_model_dir, n=3))
     shape = HeadShape(in_dim=64, num_labels=3)
@@ -416,15 +419,13 @@ def live_project(tmp_path, tiny_model_dir):
 
 
 def test_missing_credentials_fail_fast_in_process(live_project, monkeypatch):
-    from vlrouter.backends.base import RetrainRequest
-
     for k in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET"):
         monkeypatch.delenv(k, raising=False)
     before = _tree_bytes(live_project.root)
     prog = RecordingProgress()
     t0 = time.perf_counter()
     with pytest.raises(BackendError) as e:
-        modal_run.retrain_modal(RetrainRequest(registry=live_project, progress=prog))
+        modal_run.retrain_modal(RetrainRequest(live_project, resolve_options(live_project), progress=prog))
     elapsed = time.perf_counter() - t0
     assert elapsed < 2.0, elapsed
     assert str(e.value).startswith("Modal credentials not found")
@@ -483,8 +484,6 @@ def test_credentials_from_env_or_the_config_profile(monkeypatch):
 
 
 def test_fake_credentials_without_network_say_connecting_then_fail_cleanly(live_project, monkeypatch):
-    from vlrouter.backends.base import RetrainRequest
-
     monkeypatch.setenv("MODAL_TOKEN_ID", "ak-dummy")
     monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-dummy")
 
@@ -496,15 +495,13 @@ def test_fake_credentials_without_network_say_connecting_then_fail_cleanly(live_
     prog = RecordingProgress()
     t0 = time.perf_counter()
     with pytest.raises(BackendError, match=r"cannot reach Modal \(api\.modal\.com:443: Network is unreachable"):
-        modal_run.retrain_modal(RetrainRequest(registry=live_project, progress=prog))
+        modal_run.retrain_modal(RetrainRequest(live_project, resolve_options(live_project), progress=prog))
     assert time.perf_counter() - t0 < 5
     assert prog.messages[0] == "Connecting to Modal…"
     assert _tree_bytes(live_project.root) == before  # no dataset built, no candidate
 
 
 def test_a_hanging_connection_is_bounded_by_the_connect_timeout(live_project, monkeypatch):
-    from vlrouter.backends.base import RetrainRequest
-
     monkeypatch.setenv("MODAL_TOKEN_ID", "ak-dummy")
     monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-dummy")
     monkeypatch.setenv(modal_run.CONNECT_TIMEOUT_ENV, "0.5")
@@ -517,7 +514,7 @@ def test_a_hanging_connection_is_bounded_by_the_connect_timeout(live_project, mo
     prog = RecordingProgress()
     t0 = time.perf_counter()
     with pytest.raises(BackendError, match=r"cannot reach Modal \(no answer within 0.5 s\)"):
-        modal_run.retrain_modal(RetrainRequest(registry=live_project, progress=prog))
+        modal_run.retrain_modal(RetrainRequest(live_project, resolve_options(live_project), progress=prog))
     assert time.perf_counter() - t0 < 3
     assert prog.messages == ["Connecting to Modal…"]
 
@@ -579,8 +576,6 @@ def test_retrain_gpu_flag_reaches_the_modal_settings_and_needs_modal_backend(tmp
     from vlrouter.backends.modal_run import app_settings
     from vlrouter.cli.app import app
     from vlrouter.core.registry import Registry
-    from vlrouter.core.train import resolve_options
-
     reg_path = tmp_path / "registry.yaml"
     reg_path.write_text("base_model: Qwen/Qwen3-VL-8B-Instruct\nadapters: []\n")
     reg = Registry.load(reg_path)

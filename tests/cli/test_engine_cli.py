@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 import vlrouter.cli.main  # noqa: F401  (attaches every command to the app)
+from tests import engine_helpers as H
 from vlrouter.cli.app import app
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: engine_helpers
-import engine_helpers as H
 
 
 @pytest.fixture(scope="module")

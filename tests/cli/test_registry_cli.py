@@ -161,7 +161,8 @@ ERROR_CASES = {
     "duplicate-name": (_edit("name: claim-window", "name: calendar"), None,
                        ["registry.yaml:13", "adapters[1].name", "duplicate adapter name 'calendar'"]),
     "add-unknown-name": (None, ["add-adapter", "calender", "--no-retrain"],
-                         ["registry.yaml", "adapters[2].name", "unknown adapter 'calender'", "did you mean 'calendar'"]),
+                         ["registry.yaml", "adapters[2].name", "unknown adapter 'calender'",
+                          "did you mean 'calendar'"]),
     "add-already-present": (None, ["add-adapter", "claim-window", "--no-retrain"],
                             ["registry.yaml:13", "adapters[1].name", "already registered (label 1)"]),
     "bad-name-characters": (None, ["add-adapter", "Provider_Select", "--no-retrain"],
@@ -414,54 +415,76 @@ def test_installed_entry_point_plugin_is_listed_and_its_adapter_added(ws, tmp_pa
     assert len(res.stderr.strip().splitlines()) == 1
 
 
-# ---- the retrain contract (with a stand-in for vlrouter.core.train.run_retrain) ---------------
+# ---- the retrain contract (with a stand-in training backend) --------------------------------
+
+# 10 validation samples of two classes: a head that always says 0 scores 0.6.
+_VAL_Y = [0] * 6 + [1] * 4
 
 
-class _Result:
-    def __init__(self, promoted=True):
-        self.router_dir, self.candidate_dir, self.promoted = "runs/router", "runs/.router.versions/x", promoted
-        self.adapters, self.val_acc, self.live_val_acc = [], 0.9, None
-        self.embedded_new, self.reused_cached, self.message = 4, 5, "kept the live router (0.95 > 0.90)"
+def _candidate(registry, *, always: int, acc: float):
+    """A real candidate router for ``registry``'s labels whose head predicts class ``always``."""
+    import torch
+
+    from vlrouter.core.head import HeadShape, build_head
+    from vlrouter.core.recipe import Candidate
+    from vlrouter.core.store import RouterMeta, new_version_dir, save_router
+
+    k = len(registry.adapter_names)
+    shape = HeadShape(in_dim=4, num_labels=k)
+    head = build_head(shape)
+    with torch.no_grad():
+        head[-1].weight.zero_()
+        head[-1].bias.zero_()
+        head[-1].bias[always] = 1.0
+    meta = RouterMeta(adapters=registry.adapter_names, base_model="Qwen/Qwen3-VL-8B-Instruct", pooling="mean",
+                      layer=-1, hidden_size=4, head=shape, metrics={"val_acc": acc, "n_val": len(_VAL_Y)},
+                      encoder_fingerprint="enc", embedded_new=4, reused_cached=5)
+    out = save_router(new_version_dir(registry.router_dir), head, meta)
+    return Candidate(dir=out, dataset_dir=out, meta=meta, val_features=torch.zeros(len(_VAL_Y), 4),
+                     val_labels=_VAL_Y)
 
 
 def _fake_train(monkeypatch, behaviour):
-    import types
-
+    """Replace the training backend the CLI looks up; ``behaviour(request)`` returns a Candidate or raises."""
     calls = []
 
-    def run_retrain(registry, *, overrides, force, progress, backend=None):
-        calls.append({"registry": registry, "overrides": overrides, "force": force, "backend": backend,
-                      "file_at_call": registry.path.read_text()})
-        return behaviour(registry)
+    def backend(request):
+        calls.append({"registry": request.registry, "options": request.options,
+                      "file_at_call": request.registry.path.read_text()})
+        return behaviour(request)
 
-    mod = types.ModuleType("vlrouter.core.train")
-    mod.run_retrain = run_retrain
-    monkeypatch.setitem(sys.modules, "vlrouter.core.train", mod)
+    def get_backend(pm, name):
+        calls.append({"backend": name})
+        return backend
+
+    monkeypatch.setattr("vlrouter.cli.registry_cmds.get_backend", get_backend)
     return calls
 
 
 def test_add_adapter_retrains_before_saving(ws, monkeypatch):
-    calls = _fake_train(monkeypatch, lambda reg: _Result())
+    calls = _fake_train(monkeypatch, lambda req: _candidate(req.registry, always=0, acc=0.9))
     res = run("add-adapter", "provider-select", "--epochs", "3", "--lr", "0.01", "--force", "--backend", "local",
               ws=ws)
     assert res.exit_code == 0, res.output
-    (call,) = calls
+    lookup, call = calls
+    assert lookup == {"backend": "local"}
     assert call["registry"].adapter_names == ["calendar", "claim-window", "provider-select"]
-    assert call["overrides"] == {"epochs": 3, "lr": 0.01} and call["force"] is True
-    assert call["backend"] == "local"
+    assert (call["options"].epochs, call["options"].lr) == (3, 0.01)
     assert "provider-select" not in call["file_at_call"]  # not written before training succeeded
     assert "name: provider-select" in (ws / "registry.yaml").read_text()
     assert "val acc 0.900" in res.stdout and "embedded 4 new, reused 5 cached" in res.stdout
 
 
-@pytest.mark.parametrize("outcome", ["raises", "not-promoted"])
+@pytest.mark.parametrize("outcome", ["raises", "gate-refuses"])
 def test_failed_retrain_leaves_registry_untouched(ws, monkeypatch, outcome):
     from vlrouter.core.errors import PromotionRefused
+    from vlrouter.core.store import promote
 
-    def behaviour(reg):
+    def behaviour(req):
         if outcome == "raises":
             raise PromotionRefused("runs/router: new router scored 0.50 < live 0.90 (fix: pass --force)")
-        return _Result(promoted=False)
+        promote(_candidate(req.registry, always=0, acc=0.6).dir, req.registry.router_dir)  # live: 0.6 on val
+        return _candidate(req.registry, always=1, acc=0.4)  # scores 0.4 on the same samples
 
     _fake_train(monkeypatch, behaviour)
     before = (ws / "registry.yaml").read_bytes()
@@ -472,14 +495,14 @@ def test_failed_retrain_leaves_registry_untouched(ws, monkeypatch, outcome):
         res = run(*args, ws=ws)
         assert res.exit_code == 1
         assert len(res.stderr.strip().splitlines()) == 1
-        assert ("0.50 < live 0.90" if outcome == "raises" else "not promoted") in res.stderr
+        assert ("0.50 < live 0.90" if outcome == "raises" else "new router 0.400 < live 0.600") in res.stderr
         assert (ws / "registry.yaml").read_bytes() == before
 
 
 def test_registry_edited_during_retrain_is_not_overwritten(ws, monkeypatch):
-    def behaviour(reg):
-        reg.path.write_text(reg.path.read_text() + "# edited meanwhile\n")
-        return _Result()
+    def behaviour(req):
+        req.registry.path.write_text(req.registry.path.read_text() + "# edited meanwhile\n")
+        return _candidate(req.registry, always=0, acc=0.9)
 
     _fake_train(monkeypatch, behaviour)
     res = run("add-adapter", "provider-select", ws=ws)

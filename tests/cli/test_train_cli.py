@@ -70,8 +70,8 @@ def test_cold_retrain_learns_the_adapters_and_router_json_follows_the_registry(t
     from vlrouter.core.data import load_routing_dataset
     from vlrouter.core.encoder import Encoder
     from vlrouter.core.features import embed_dataset
-    from vlrouter.core.head import load_router
-    from vlrouter.core.train import head_logits
+    from vlrouter.core.head import head_logits
+    from vlrouter.core.store import load_router
 
     head, loaded = load_router(project / "runs" / "router")
     enc = Encoder.load(loaded.base_model, pooling=loaded.pooling, layer=loaded.layer, device="cpu")
@@ -114,9 +114,9 @@ def test_a_failed_add_adapter_retrain_leaves_registry_and_router_byte_identical(
     before = _snapshot(project)
     args = ["add-adapter", "settings", "--dataset", str(ds), "--checkpoint", str(project / "ck")]
     if failure == "lock-held":
-        from vlrouter.core.train import RouterLock
+        from vlrouter.core.store import RouterLock
 
-        with RouterLock(Registry.load(project / "registry.yaml")):
+        with RouterLock(Registry.load(project / "registry.yaml").router_dir):
             res = router(*args, project=project)
         assert "another retrain holds the lock" in res.stderr
     else:

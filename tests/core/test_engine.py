@@ -5,16 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: engine_helpers
-import engine_helpers as H
-
+from tests import engine_helpers as H
 from vlrouter import hookimpl
 from vlrouter.core.actions import UIAction
 from vlrouter.core.encoder import build_inputs, inner_vl_model
@@ -115,7 +112,8 @@ def test_route_probs_are_the_temperature_scaled_softmax(engine, tiny_encoder):
         r = e.route(img, prompt)
         expected = torch.softmax(logits / t, -1).tolist()
         assert [r.probs[n] for n in H.NAMES] == expected  # same features, same head: exactly
-    assert _variant(engine, meta={"temperature": 4.0}).route(img, prompt).confidence < engine.route(img, prompt).confidence
+    hot = _variant(engine, meta={"temperature": 4.0})
+    assert hot.route(img, prompt).confidence < engine.route(img, prompt).confidence
 
 
 def test_routing_features_equal_a_plain_base_model_exactly(engine, tiny_encoder):
@@ -376,7 +374,8 @@ def test_stale_router_adapter_order(project, tmp_path):
     text = reg.read_text()
     head = text.split("adapters:\n")[0]
     names = ["claim-window", "calendar", "provider-select"]
-    body = "".join(f"  - name: {n}\n    dataset: data/{n}/train.jsonl\n    checkpoint: checkpoints/{n}\n" for n in names)
+    body = "".join(f"  - name: {n}\n    dataset: data/{n}/train.jsonl\n    checkpoint: checkpoints/{n}\n"
+                   for n in names)
     reg.write_text(head + "adapters:\n" + body)
     with pytest.raises(StaleRouterError, match=r"router.json: adapters: stale router: the adapter order differs.*"
                                                 r"router retrain"):
@@ -450,7 +449,7 @@ def test_adapter_made_for_another_base_model_is_refused(project, tmp_path):
 
 
 def test_adapter_base_name_match_is_loose():
-    from vlrouter.core.engine import _model_basename
+    from vlrouter.core.lora import _model_basename
 
     same = {"Qwen/Qwen3-VL-8B-Instruct", "/models/Qwen3-VL-8B-Instruct/",
             "/hf/hub/models--Qwen--Qwen3-VL-8B-Instruct/snapshots/0123abcd"}

@@ -289,3 +289,16 @@ def test_edits_are_validated_before_anything_is_written(reg_path):
 def test_adapter_entry_rejects_bad_names():
     with pytest.raises(ValueError, match=r"\[a-z0-9\]"):
         AdapterEntry(name="-leading-dash", dataset="d", checkpoint="c")
+
+
+def test_the_example_registry_at_the_repo_root_loads_and_names_real_plugins():
+    from vlrouter.plugins.manager import collect_adapters, get_plugin_manager
+
+    example = Path(__file__).resolve().parents[2] / "registry.yaml"
+    reg = Registry.load(example)
+    assert reg.model.base_model == "Qwen/Qwen3-VL-8B-Instruct"
+    assert reg.adapter_names == ["calendar", "claim-window", "provider-select"]
+    specs = collect_adapters(get_plugin_manager(reg, entry_points=False))
+    for a in reg.adapters:  # each entry agrees with the plugin that declares it
+        assert specs[a.name].plugin == a.plugin and specs[a.name].checkpoint == a.checkpoint
+    assert reg.to_text() == example.read_text()  # a load/save round trip keeps every comment

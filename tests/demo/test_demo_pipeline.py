@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from vlrouter.core.head import read_meta
 from vlrouter.core.progress import RecordingProgress
 from vlrouter.core.registry import Registry
+from vlrouter.core.store import read_meta
 from vlrouter.demo.pipeline import EXTRA_TASK, SEED_TASKS, DemoConfig, run_demo
 
 

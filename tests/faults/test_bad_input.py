@@ -8,23 +8,21 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 import vlrouter.cli.main  # noqa: F401  (attaches every command to the app)
+from tests import engine_helpers as H
 from tests.helpers import make_dataset, make_registry
 from vlrouter.cli.app import app
 from vlrouter.core.data import read_adapter_dataset
 from vlrouter.core.errors import CheckpointError, DatasetError, ImageError, InputError, RegistryError, StaleRouterError
-from vlrouter.core.head import HeadShape, RouterMeta, build_head, load_router, save_router
+from vlrouter.core.head import HeadShape, build_head
 from vlrouter.core.images import open_image
 from vlrouter.core.registry import Registry
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: engine_helpers
-import engine_helpers as H  # noqa: E402
+from vlrouter.core.store import RouterMeta, load_router, save_router
 
 BASE = "Qwen/Qwen3-VL-8B-Instruct"  # never loaded in the tests that use it
 
@@ -116,7 +114,8 @@ CHECKPOINT_CASES = {
     "router-json-not-json": (lambda d: (d / "router.json").write_text("{not json"), "router.json:1: not valid JSON"),
     "newer-format-version": (lambda d: _edit_meta(d, format_version=99),
                              "format 99 is newer than this vlrouter understands"),
-    "names-vs-outputs": (lambda d: _edit_meta(d, adapters=["a", "b", "c"]), "3 adapter names for a head with 2 outputs"),
+    "names-vs-outputs": (lambda d: _edit_meta(d, adapters=["a", "b", "c"]),
+                         "3 adapter names for a head with 2 outputs"),
     "weights-vs-shape": (lambda d: _edit_meta(d, head={"kind": "linear", "in_dim": 16, "num_labels": 2}),
                          "weights do not match router.json's head shape"),
     "head-missing": (lambda d: (d / "head.safetensors").unlink(), "head.safetensors not found"),
@@ -194,7 +193,7 @@ def test_ctrl_c_exits_130_and_says_nothing_half_written_was_kept(tmp_path, monke
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("vlrouter.core.train.run_retrain", interrupt)
+    monkeypatch.setattr("vlrouter.cli.train_cmds.run_retrain", interrupt)
     res = router("retrain", "--registry", str(reg))
     assert res.exit_code == 130 and "interrupted" in res.stderr and "Traceback" not in res.output
     assert reg.read_bytes() == before

@@ -32,10 +32,10 @@ import pytest
 from typer.testing import CliRunner
 
 import vlrouter.cli.main  # noqa: F401  (attaches every command to the app)
-from tests.helpers import make_dataset, make_registry
+from tests.helpers import make_dataset, make_registry, retrain
 from vlrouter.cli.app import app
-from vlrouter.core.head import load_router
 from vlrouter.core.registry import Registry
+from vlrouter.core.store import load_router
 
 ROUTER = str(Path(sys.executable).with_name("router"))
 OLD = ["calendar", "claim-window"]
@@ -54,11 +54,9 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def base_project(tmp_path_factory, tiny_model_dir) -> Path:
     """A project whose live router knows calendar + claim-window, and whose registry lists three adapters."""
-    from vlrouter.core.train import run_retrain
-
     root = tmp_path_factory.mktemp("crash") / "proj"
     reg_path = make_registry(root, tiny_model_dir, OLD, n=8, **TRAIN)
-    run_retrain(Registry.load(reg_path), overrides={"epochs": 40})
+    retrain(reg_path, epochs=40)
     make_dataset(root / "data" / "provider-select", "provider-select", 30)
     text = reg_path.read_text() + ("  - name: provider-select\n    dataset: data/provider-select/train.jsonl\n"
                                    "    checkpoint: checkpoints/provider-select\n")
@@ -155,7 +153,8 @@ def _finish_with_a_retrain(project: Path) -> None:
     res = subprocess.run([ROUTER, "retrain", "--registry", str(project / "registry.yaml")], env=_env(), cwd=project,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert load_router(project / "runs" / "router")[1].adapters == Registry.load(project / "registry.yaml").adapter_names
+    live_adapters = load_router(project / "runs" / "router")[1].adapters
+    assert live_adapters == Registry.load(project / "registry.yaml").adapter_names
 
 
 # ---- kill -9 of `router retrain` at four points --------------------------------------------------
@@ -237,7 +236,8 @@ def test_an_interrupted_embed_resumes_from_the_entries_already_written(project):
     kept = {p.name: load_file(str(p))["feature"] for p in _cache_entries(project)}  # each one reads back whole
     assert start + 5 <= len(kept) < total, (start, len(kept), total)
 
-    res = subprocess.run([ROUTER, "embed", "--json", "--dataset", str(ds), "--registry", str(project / "registry.yaml")],
+    res = subprocess.run([ROUTER, "embed", "--json", "--dataset", str(ds),
+                          "--registry", str(project / "registry.yaml")],
                          env=_env(), cwd=project, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     stats = json.loads(res.stdout)

@@ -11,12 +11,10 @@ malloc arena; warm-up makes those part of the baseline), after ``gc.collect()``.
 from __future__ import annotations
 
 import gc
-import sys
 import threading
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: engine_helpers
-import engine_helpers as H  # noqa: E402
+from tests import engine_helpers as H
 
 THREADS = 8
 CALLS = 50

@@ -28,14 +28,13 @@ import torch
 from typer.testing import CliRunner
 
 import vlrouter.cli.main  # noqa: F401  (attaches every command to the app)
+from tests import engine_helpers as H
 from vlrouter.cli.app import app
 from vlrouter.core.errors import CheckpointError, ImageError
-from vlrouter.core.head import HeadShape, RouterMeta, build_head, load_router, save_router
+from vlrouter.core.head import HeadShape, build_head
 from vlrouter.core.images import open_image
 from vlrouter.core.seed_import import import_seed_head
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: engine_helpers
-import engine_helpers as H  # noqa: E402
+from vlrouter.core.store import RouterMeta, load_router, save_router
 
 SEED_ADAPTERS = ["calendar", "claim-window", "provider-select"]
 
@@ -114,7 +113,8 @@ def test_a_pickle_as_head_safetensors_through_router_route_is_one_error_line(pic
 # ---- router import-seed-head ---------------------------------------------------------------------
 
 def _seed_file(path: Path, module: torch.nn.Module, **extra) -> Path:
-    torch.save({"state_dict": module.state_dict(), "adapters": SEED_ADAPTERS, "base_model_id": "Qwen/Qwen3-VL-8B-Instruct",
+    torch.save({"state_dict": module.state_dict(), "adapters": SEED_ADAPTERS,
+                "base_model_id": "Qwen/Qwen3-VL-8B-Instruct",
                 "best_loss": 0.25, "best_acc": 0.9, **extra}, path)
     return path
 
@@ -178,7 +178,7 @@ def test_import_seed_head_sequential_mlp_and_overrides(tmp_path):
 
 
 IMPORT_REFUSALS = {
-    "no-pooling": "--pooling is required",
+    "no-pooling": "--pooling: required",
     "out-exists": "already exists and is not an empty folder",
     "layernorm": "is not an nn.Linear",
     "wrong-adapter-count": "2 adapter names for a head with 3 outputs",

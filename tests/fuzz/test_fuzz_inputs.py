@@ -133,7 +133,9 @@ def _mapping(keys: list[str], indent: str):
 
 def _adapters():
     item = st.lists(_key(_ADAPTER_KEYS).flatmap(lambda k: _value(k).map(lambda v: (k, v))), min_size=1, max_size=6)
-    render = lambda pairs: "\n".join(("  - " if i == 0 else "    ") + f"{k}: {v}" for i, (k, v) in enumerate(pairs))
+    def render(pairs):
+        return "\n".join(("  - " if i == 0 else "    ") + f"{k}: {v}" for i, (k, v) in enumerate(pairs))
+
     return st.lists(item.map(render), max_size=4).map(lambda items: "adapters:\n" + "\n".join(items) if items
                                                       else "adapters: []")
 

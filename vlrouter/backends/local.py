@@ -1,20 +1,17 @@
-"""The default backend: every step runs in this process (CPU or a local GPU)."""
+"""The default training backend: build the routing dataset, embed and fit a candidate, all in this process."""
 
 from __future__ import annotations
 
-from vlrouter import hookimpl
-from vlrouter.backends.base import RetrainRequest, RetrainResult
+from vlrouter.core.recipe import Candidate, RetrainRequest, build_dataset, train_candidate
+from vlrouter.plugins.hookspecs import hookimpl
 
 
-class LocalBackend:
-    name = "local"
-
-    def retrain(self, request: RetrainRequest) -> RetrainResult:
-        from vlrouter.core.train import retrain_local
-
-        return retrain_local(request)
+def retrain_local(request: RetrainRequest) -> Candidate:
+    """Steps 1-3 of the recipe on this machine's CPU or GPU (the gate runs in the caller)."""
+    dataset = build_dataset(request.registry, request.options, request.progress)
+    return train_candidate(dataset, request.registry, request.options, progress=request.progress)
 
 
 @hookimpl
 def register_backends(register):
-    register("local", LocalBackend())
+    register("local", retrain_local)

@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,11 @@ from vlrouter.backends.modal_run import (
     ENV_GPU,
     ENV_OUTPUT_VOLUME,
 )
+from vlrouter.core.data import SPLITS, load_routing_dataset
+from vlrouter.core.encoder import Encoder
+from vlrouter.core.features import FeatureCache, collate, digest_shard, feature_key, prepare_shard
+from vlrouter.core.options import TrainOptions
+from vlrouter.core.recipe import SplitFeatures, embed_splits, fit_candidate
 
 # ---- settings (env, set by modal_run before import) -------------------------------------
 
@@ -178,8 +184,6 @@ def safe_name(name: str) -> str:
 
 def dataset_items(dataset_dir: str | Path) -> list[tuple[str, int, Any]]:
     """``(split, index, Sample)`` for every split the routing dataset has, in a fixed order."""
-    from vlrouter.core.data import SPLITS, load_routing_dataset
-
     ds = load_routing_dataset(dataset_dir)
     items = []
     for split in SPLITS:
@@ -191,39 +195,6 @@ def dataset_items(dataset_dir: str | Path) -> list[tuple[str, int, Any]]:
 def preprocessed_path(root: Path, split: str, index: int) -> Path:
     return root / split / f"sample_{index:06d}.safetensors"
 
-
-
-class CachedEncoder:
-    """The encoder as the feature cache knows it: fingerprint, hidden size, pooling, layer.
-
-    ``train`` hands this to :func:`vlrouter.core.train.train_on_dataset` instead of
-    loading the 8B model a second time: ``embed`` has already put every sample's
-    feature in the cache under this fingerprint, so ``embed_dataset`` only looks them
-    up. Should one be missing, it refuses (``TrainingError``) rather than silently
-    forward on the wrong container. ``base_model`` is what router.json records (the
-    registry's base model); the weights were loaded from ``embed_info["load_from"]``.
-    """
-
-    def __init__(self, info: dict[str, Any]) -> None:
-        self.base_model = info["base_model"]
-        self.revision = info.get("revision")
-        self.pooling = info["pooling"]
-        self.layer = int(info["layer"])
-        self.hidden_size = int(info["hidden_size"])
-        self.dtype_name = info.get("dtype", "")
-        self._fingerprint = info["encoder_fingerprint"]
-
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    def _refuse(self, *_: Any) -> Any:
-        from vlrouter.core.errors import TrainingError
-
-        raise TrainingError(f"a feature is missing from the cache of encoder {self._fingerprint} "
-                            "(fix: run `router retrain --backend modal` again; the embed step fills the cache)")
-
-    processor = property(_refuse)
-    embed_prepared = _refuse
 
 
 # ---- the functions -------------------------------------------------------------------------
@@ -243,8 +214,6 @@ def process_shard(shard: int, *, num_shards: int, dataset: str, base_model: str,
     already processed are skipped, so a retried or repeated run resumes.
     """
     from safetensors.torch import save_file
-
-    from vlrouter.core.features import digest_shard, prepare_shard
 
     root = Path(data_root)
     _sync(root, "reload")
@@ -278,19 +247,16 @@ def embed(dataset: str, run_id: str, base_model: str, *, pooling: str = "mean", 
        batches of ``batch_size``: :func:`~vlrouter.core.features.collate` +
        :meth:`~vlrouter.core.encoder.Encoder.embed_prepared` + ``FeatureCache.put``,
        what :func:`~vlrouter.core.features.embed_dataset` does with its own pool's output.
-    2. :func:`~vlrouter.core.features.embed_dataset` -- the local backend's step, on the
-       samples in the order ``train_on_dataset`` uses -- then finds them cached (and
-       embeds any sample that was not prepared).
+    2. :func:`~vlrouter.core.recipe.embed_splits` -- the local backend's step -- then finds
+       them cached (and embeds any sample that was not prepared).
 
-    The validation features are saved at ``features/runs/<run_id>-val.safetensors`` for
-    the eval gate, which runs on the caller's machine. ``base_model`` is the path or hub
-    id the weights load from (the Hugging Face cache is on this volume).
+    Every split's features are saved at ``features/runs/<run_id>.safetensors``
+    (:meth:`~vlrouter.core.recipe.SplitFeatures.to_file`): ``train`` fits on them, and the
+    eval gate on the caller's machine scores the live router on the same validation
+    samples. ``base_model`` is the path or hub id the weights load from (the Hugging Face
+    cache is on this volume).
     """
     from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from vlrouter.core.encoder import Encoder
-    from vlrouter.core.features import FeatureCache, collate, embed_dataset, feature_key
 
     root = Path(data_root)
     _sync(root, "reload")
@@ -316,20 +282,14 @@ def embed(dataset: str, run_id: str, base_model: str, *, pooling: str = "mean", 
         prepared = []
         for _, path in part:
             with safe_open(str(path), framework="pt") as f:
-                prepared.append({k: f.get_tensor(k) for k in f.keys()})
+                prepared.append({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open: no __iter__)
         for (key, path), feat in zip(part, encoder.embed_prepared(collate(prepared, pad_id))):
             cache.put(key, feat, meta={"id": path.stem})
 
-    samples = [s for _, _, s in items]
-    feats, stats = embed_dataset(encoder, samples, cache, workers=workers, batch_size=batch_size)
-    val = [(k, s) for k, (split, _, s) in enumerate(items) if split == "val"]
-    import torch
-
-    out = root / FEATURE_RUNS_DIR / f"{safe_name(run_id)}-val.safetensors"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"features": feats[[k for k, _ in val]].contiguous(),
-               "labels": torch.tensor([s.label for _, s in val], dtype=torch.long)}, str(out))
+    features = embed_splits(ds_dir, encoder, root / FEATURE_CACHE_DIR, workers=workers, batch_size=batch_size)
+    out = features.to_file(root / FEATURE_RUNS_DIR / f"{safe_name(run_id)}.safetensors")
     _sync(root, "commit")
+    forwarded = len(todo) + int(features.stats["forwarded"])
     return {
         "dataset": dataset,
         "run_id": run_id,
@@ -341,42 +301,42 @@ def embed(dataset: str, run_id: str, base_model: str, *, pooling: str = "mean", 
         "pooling": pooling,
         "layer": layer,
         "samples": len(items),
-        "embedded_new": len(todo) + int(stats["forwarded"]),
-        "reused_cached": len(items) - len(todo) - int(stats["forwarded"]),
-        "val_features": str(out.relative_to(root)),
+        "embedded_new": forwarded,
+        "reused_cached": len(items) - forwarded,
+        "features": str(out.relative_to(root)),
     }
 
 
 @app.function(**function_options("train"))
 def train(dataset: str, run_id: str, options: dict[str, Any], embed_info: dict[str, Any], *,
-          registry_fingerprint: str | None = None, expected_labels: list[str] | None = None,
-          data_root: str = DATA_ROOT, output_root: str = OUTPUT_ROOT,
+          registry_fingerprint: str | None = None, data_root: str = DATA_ROOT, output_root: str = OUTPUT_ROOT,
           checkpoints_root: str = CHECKPOINTS_ROOT) -> dict[str, Any]:
-    """GPU: :func:`vlrouter.core.train.train_on_dataset` on the cached features.
+    """Fit a candidate router on the features ``embed`` saved: :func:`vlrouter.core.recipe.fit_candidate`.
 
-    The local backend's step, unchanged: train, calibrate, evaluate, write the candidate
-    router (head.safetensors + router.json + tensorboard/) to ``routers/<run_id>/`` on
-    the output volume. The eval gate and promotion run afterwards on the caller's side.
-    Also reports which adapters have a LoRA checkpoint folder on the checkpoints volume.
+    The local backend's fit step, unchanged: train, calibrate, evaluate, write the candidate
+    router (head.safetensors + router.json + tensorboard/) to ``routers/<run_id>/`` on the
+    output volume. The eval gate and promotion run afterwards on the caller's side. Also
+    reports which adapters have a LoRA checkpoint folder on the checkpoints volume.
     """
-    from vlrouter.core.train import TrainOptions, train_on_dataset
-
     root, out_root = Path(data_root), Path(output_root)
     _sync(root, "reload")
     opts = TrainOptions.model_validate({**options, "workers": 1, "device": None})
+    features = SplitFeatures.from_file(root / embed_info["features"])
+    # router.json records the registry's base model, not the volume path the weights loaded from
+    features.encoder = replace(features.encoder, base_model=opts.base_model)
     cand = out_root / ROUTERS_DIR / safe_name(run_id)
     cand.parent.mkdir(parents=True, exist_ok=True)
-    _, stats = train_on_dataset(
-        root / DATASETS_DIR / safe_name(dataset), opts,
-        live_dir=out_root / ROUTERS_DIR / ".none",  # no live router here: the gate runs on the caller's side
-        cache_root=root / FEATURE_CACHE_DIR, registry_fingerprint=registry_fingerprint,
-        encoder=CachedEncoder(embed_info), candidate_dir=cand, expected_labels=expected_labels)
+    result = fit_candidate(root / DATASETS_DIR / safe_name(dataset), features, opts, out_dir=cand,
+                           registry_fingerprint=registry_fingerprint)
     _sync(out_root, "commit")
     ck = Path(checkpoints_root)
-    names = list(stats["adapters"])
-    stats["checkpoints_on_volume"] = {n: (ck / n / "adapter_config.json").is_file() for n in names}
-    stats["router_path"] = str(cand.relative_to(out_root))
-    return _jsonable(stats)
+    return _jsonable({
+        "adapters": list(result.meta.adapters),
+        "val_acc": result.meta.metrics["val_acc"],
+        "train": result.stats["train"],
+        "checkpoints_on_volume": {n: (ck / n / "adapter_config.json").is_file() for n in result.meta.adapters},
+        "router_path": str(cand.relative_to(out_root)),
+    })
 
 
 def _jsonable(obj: Any) -> Any:

@@ -14,7 +14,7 @@
    ``process_shard`` over ``modal.cpu_shards`` CPU containers (step 3), ``embed`` and
    ``train`` on a GPU (step 4), then download the candidate router from the output
    volume into a fresh version folder beside the live router.
-4. Return the candidate: :func:`vlrouter.core.train.run_retrain` applies the same eval
+4. Return the candidate: :func:`vlrouter.core.recipe.run_retrain` applies the same eval
    gate and atomic promotion as for the local backend. The live router's accuracy on
    the same validation features is measured here (the live router is on this machine).
 """
@@ -34,15 +34,16 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlparse
 
-from vlrouter.core.errors import BackendError, RouterError, located
+from vlrouter.core.atomic import atomic_write_bytes
+from vlrouter.core.data import METADATA_FILE, SPLITS, load_routing_dataset, read_routing_split
+from vlrouter.core.errors import BackendError, DatasetError, RouterError, located
 from vlrouter.core.progress import Progress, progress_or_null
-
-if TYPE_CHECKING:
-    from vlrouter.backends.base import RetrainRequest, RetrainResult
-    from vlrouter.core.registry import Registry
+from vlrouter.core.recipe import Candidate, RetrainRequest, SplitFeatures, build_dataset
+from vlrouter.core.registry import Registry
+from vlrouter.core.store import META_FILE, new_version_dir, read_meta
 
 APP_MODULE = "vlrouter.backends.modal_app"
 # The app module reads its settings from these at import time (see modal_app's docstring).
@@ -71,8 +72,8 @@ def check_credentials() -> str:
     try:
         from modal import config as modal_config
     except Exception as e:  # a malformed ~/.modal.toml raises at import
-        raise BackendError(f"cannot read the Modal configuration: {str(e).strip()} "
-                           f"(fix: repair or remove the file, then {CREDENTIALS_FIX})") from None
+        raise BackendError(located(None, None, f"cannot read the Modal configuration: {str(e).strip()}",
+                                   fix=f"repair or remove the file, then {CREDENTIALS_FIX}")) from None
     cfg = modal_config.config
     profile = modal_config._profile
     path = modal_config.user_config_path
@@ -84,8 +85,8 @@ def check_credentials() -> str:
             cfg.get("oauth_client_secret") or cfg.get("oauth_jwt_key")):
         return "OAuth settings"
     half = " (only one of token_id/token_secret is set)" if (token_id or token_secret) else ""
-    raise BackendError(f"Modal credentials not found: no MODAL_TOKEN_ID/MODAL_TOKEN_SECRET in the environment and "
-                       f"no token in profile {profile!r} of {path}{half} (fix: {CREDENTIALS_FIX})")
+    raise BackendError(located(None, None, f"Modal credentials not found: no MODAL_TOKEN_ID/MODAL_TOKEN_SECRET in the "
+                               f"environment and no token in profile {profile!r} of {path}{half}", fix=CREDENTIALS_FIX))
 
 
 # ---- 2. reachability ------------------------------------------------------------------------
@@ -95,7 +96,8 @@ def connect_timeout() -> float:
     try:
         return float(raw) if raw else DEFAULT_CONNECT_TIMEOUT
     except ValueError:
-        raise BackendError(f"{CONNECT_TIMEOUT_ENV}={raw!r} is not a number of seconds (fix: e.g. 10)") from None
+        raise BackendError(located(None, CONNECT_TIMEOUT_ENV, f"{raw!r} is not a number of seconds",
+                                   fix="e.g. 10")) from None
 
 
 def _server_targets() -> list[tuple[str, int]]:
@@ -141,9 +143,9 @@ def probe_modal(timeout: float | None = None) -> None:
     if ok.is_set():
         return
     why = "; ".join(errors) if errors else f"no answer within {timeout:g} s"
-    raise BackendError(f"cannot reach Modal ({why}); nothing was changed locally "
-                       f"(fix: check the network connection or proxy and run again; "
-                       f"{CONNECT_TIMEOUT_ENV} sets the wait, now {timeout:g} s)")
+    raise BackendError(located(None, None, f"cannot reach Modal ({why}); nothing was changed locally",
+                               fix=f"check the network connection or proxy and run again; {CONNECT_TIMEOUT_ENV} sets "
+                                   f"the wait, now {timeout:g} s"))
 
 
 # ---- settings and the app module ------------------------------------------------------------
@@ -152,8 +154,8 @@ def validate_gpu(gpu: str, where: str = "modal.gpu") -> str:
     name, _, count = gpu.partition(":")
     known = {g.upper(): g for g in KNOWN_GPUS}
     if name.upper() not in known or (count and not (count.isdigit() and 1 <= int(count) <= 8)):
-        raise BackendError(f"{where}: unknown Modal GPU {gpu!r} (fix: one of {', '.join(KNOWN_GPUS)}, "
-                           "optionally with :N for N GPUs, e.g. H100:2)")
+        raise BackendError(located(None, where, f"unknown Modal GPU {gpu!r}",
+                                   fix=f"one of {', '.join(KNOWN_GPUS)}, optionally with :N for N GPUs, e.g. H100:2"))
     return known[name.upper()] + (f":{count}" if count else "")
 
 
@@ -201,9 +203,6 @@ def dataset_upload_plan(dataset_dir: str | Path) -> tuple[str, list[tuple[str, P
     (nothing else in them changes). ``metadata.json`` gains an ``upload`` entry with the
     local folder and its fingerprint.
     """
-    from vlrouter.core.data import METADATA_FILE, SPLITS, load_routing_dataset, read_routing_split
-    from vlrouter.core.errors import DatasetError
-
     ds = load_routing_dataset(dataset_dir)
     plan: list[tuple[str, Path | bytes]] = []
     images: dict[str, str] = {}
@@ -253,16 +252,10 @@ def stage_dataset(dataset_dir: str | Path, data_root: str | Path) -> str:
 def _upload_plan(volume, prefix: str, plan: list[tuple[str, Path | bytes]], progress: Progress | None,
                  what: str) -> None:
     prog = progress_or_null(progress)
-    with prog.task(what, total=len(plan)) as t:
-        with volume.batch_upload(force=True) as batch:
-            for rel, src in plan:
-                batch.put_file(io.BytesIO(src) if isinstance(src, bytes) else src, f"{prefix}/{rel}")
-                t.advance()
-
-
-def _settings_for(registry: Registry, options=None, overrides: dict[str, Any] | None = None) -> dict[str, str]:
-    gpu = getattr(options, "gpu", None) or (overrides or {}).get("gpu")
-    return app_settings(registry, gpu)
+    with prog.task(what, total=len(plan)) as t, volume.batch_upload(force=True) as batch:
+        for rel, src in plan:
+            batch.put_file(io.BytesIO(src) if isinstance(src, bytes) else src, f"{prefix}/{rel}")
+            t.advance()
 
 
 def upload_dataset(registry: Registry, dataset_dir: str | Path, *, progress: Progress | None = None,
@@ -276,7 +269,7 @@ def upload_dataset(registry: Registry, dataset_dir: str | Path, *, progress: Pro
         check_credentials()
         progress_or_null(progress).log("Connecting to Modal…")
         probe_modal()
-        mapp = load_app(_settings_for(registry))
+        mapp = load_app(app_settings(registry))
     name, plan = dataset_upload_plan(dataset_dir)
     prefix = f"/{mapp.DATASETS_DIR}/{name}"
     try:
@@ -326,14 +319,16 @@ def _modal_error(step: str, e: BaseException) -> BackendError:
         import modal.exception as mexc
 
         if isinstance(e, mexc.AuthError):
-            return BackendError(f"Modal refused the credentials while {step}: {msg} (fix: {CREDENTIALS_FIX})")
+            return BackendError(located(None, None, f"Modal refused the credentials while {step}: {msg}",
+                                        fix=CREDENTIALS_FIX))
         if isinstance(e, mexc.ConnectionError):
-            return BackendError(f"lost the connection to Modal while {step}: {msg} (fix: check the network and "
-                                "run again; features already embedded stay cached on the data volume)")
+            return BackendError(located(None, None, f"lost the connection to Modal while {step}: {msg}",
+                                        fix="check the network and run again; features already embedded stay "
+                                            "cached on the data volume"))
     except Exception:
         pass
-    return BackendError(f"Modal run failed while {step}: {name}: {msg} (fix: see Modal's output above; "
-                        "VLROUTER_DEBUG=1 shows the traceback)")
+    return BackendError(located(None, None, f"Modal run failed while {step}: {name}: {msg}",
+                                fix="see Modal's output above; VLROUTER_DEBUG=1 shows the traceback"))
 
 
 def new_run_id() -> str:
@@ -360,52 +355,28 @@ def download_dir(volume, remote_prefix: str, dest: Path) -> list[Path]:
     return written
 
 
-def finish_candidate(cand: Path, *, registry: Registry, dataset_dir: Path, embed_info: dict[str, Any],
-                     val_features: Path | None, modal_info: dict[str, Any]) -> dict[str, Any]:
-    """Fix up a downloaded candidate so it reads like a local one; return its stats.
-
-    router.json gets the local routing dataset's folder and fingerprint (the uploaded
-    copy differs only in image paths), the embed step's new/cached counts, a ``modal``
-    entry, and -- measured here, where the live router is -- the live router's accuracy
-    on the same validation features, which the common eval gate compares against.
-    """
-    from safetensors.torch import load_file
-
-    from vlrouter.core.data import load_routing_dataset
-    from vlrouter.core.head import META_FILE, read_meta
-    from vlrouter.core.registry import atomic_write_bytes
-    from vlrouter.core.train import _live_accuracy
-
-    meta = read_meta(cand)
-    metrics = dict(meta.metrics)
+def finish_candidate(cand: Path, features: SplitFeatures, *, dataset_dir: Path,
+                     modal_info: dict[str, Any]) -> Candidate:
+    """The downloaded candidate as a local one: router.json names the local routing dataset
+    (the uploaded copy differs only in image paths), the embed step's new/cached counts, and
+    gains a ``modal`` entry."""
     ds = load_routing_dataset(dataset_dir)
-    metrics["dataset_dir"] = str(ds.dir)
-    metrics["modal"] = modal_info
-    if val_features is not None and val_features.is_file():
-        t = load_file(str(val_features))
-        live = _live_accuracy(registry.router_dir, list(meta.adapters), meta.encoder_fingerprint or "",
-                              t["features"], t["labels"])
-        if live and live.get("comparable"):
-            metrics["live_val_acc"], metrics["live_version"] = live["acc"], live["version"]
-    meta = meta.model_copy(update={
-        "metrics": metrics, "dataset_fingerprint": ds.fingerprint(),
-        "embedded_new": int(embed_info.get("embedded_new", 0)), "reused_cached": int(embed_info.get("reused_cached", 0)),
-    })
+    meta = read_meta(cand)
+    metrics = {**meta.metrics, "dataset_dir": str(ds.dir), "modal": modal_info}
+    meta = meta.model_copy(update={"metrics": metrics, "dataset_fingerprint": ds.fingerprint(),
+                                   "embedded_new": int(features.stats.get("embedded_new", 0)),
+                                   "reused_cached": int(features.stats.get("reused_cached", 0))})
     atomic_write_bytes(cand / META_FILE, (json.dumps(meta.model_dump(mode="json"), indent=2) + "\n").encode())
-    return {"adapters": list(meta.adapters), "val_acc": metrics.get("val_acc"), "live_val_acc": metrics.get("live_val_acc"),
-            "embedded_new": meta.embedded_new, "reused_cached": meta.reused_cached, "metrics": metrics}
+    return Candidate(dir=cand, dataset_dir=ds.dir, meta=meta, val_features=features.val,
+                     val_labels=list(features.val_y), stats={"embed": features.stats, "modal": modal_info})
 
 
-def retrain_modal(request: RetrainRequest) -> RetrainResult:
+def retrain_modal(request: RetrainRequest) -> Candidate:
     """The ``modal`` backend (see the module docstring): a candidate router, not yet promoted."""
     check_credentials()  # first: nothing imported, nothing touched
-    from vlrouter.backends.base import RetrainResult
-    from vlrouter.core.train import resolve_options
-
     prog = progress_or_null(request.progress)
-    registry = request.registry
-    opts = request.options if request.options is not None else resolve_options(registry, request.overrides)
-    settings = _settings_for(registry, opts, request.overrides)
+    registry, opts = request.registry, request.options
+    settings = app_settings(registry, opts.gpu)
     prog.log("Connecting to Modal…")
     probe_modal()
     mapp = load_app(settings)
@@ -423,11 +394,7 @@ def retrain_modal(request: RetrainRequest) -> RetrainResult:
         # our progress bars: stdout stays clean for `--json`.
         with contextlib.redirect_stdout(sys.stderr), modal.enable_output(), mapp.app.run():
             step = "building the routing dataset"
-            from vlrouter.core.data import build_routing_dataset
-
-            ds_dir = build_routing_dataset(registry, registry.resolve(opts.datasets_dir),
-                                           train_samples=opts.train_samples, eval_samples=opts.eval_samples,
-                                           val_fraction=opts.val_fraction, seed=opts.seed, progress=request.progress)
+            ds_dir = build_dataset(registry, opts, request.progress)
             step = "uploading the dataset"
             name = ds_dir.name
             upload_dataset(registry, ds_dir, progress=request.progress, mapp=mapp)
@@ -444,32 +411,30 @@ def retrain_modal(request: RetrainRequest) -> RetrainResult:
                     name, run_id, load_from, pooling=opts.pooling, layer=opts.layer, dtype=opts.dtype,
                     revision=opts.base_model_revision, batch_size=opts.embed_batch_size,
                     workers=max(1, min(opts.workers, int(mapp.RESOURCES["embed"].get("cpu", 1)))))
-            prog.log(f"features: embedded {embed_info['embedded_new']} new, reused {embed_info['reused_cached']} cached")
+            prog.log(f"features: embedded {embed_info['embedded_new']} new, "
+                     f"reused {embed_info['reused_cached']} cached")
             step = f"training the head on {gpu}"
             with prog.task(step, total=None):
-                tstats = mapp.train.remote(
-                    name, run_id, opts.model_dump(mode="json"), {**embed_info, "base_model": opts.base_model},
-                    registry_fingerprint=registry.fingerprint(), expected_labels=registry.adapter_names)
+                tstats = mapp.train.remote(name, run_id, opts.model_dump(mode="json"), embed_info,
+                                           registry_fingerprint=registry.fingerprint())
             step = "downloading the router"
-            from vlrouter.core.head import new_version_dir
-
             cand = new_version_dir(registry.router_dir)
-            with prog.task(step, total=None):
+            with prog.task(step, total=None), tempfile.TemporaryDirectory(prefix="vlrouter-features-") as tmp:
                 download_dir(mapp.VOLUMES[mapp.OUTPUT_ROOT], tstats["router_path"], cand)
-                with tempfile.TemporaryDirectory(prefix="vlrouter-val-") as tmp:
-                    val = Path(tmp) / "val.safetensors"
-                    with open(val, "wb") as f:
-                        for chunk in mapp.VOLUMES[mapp.DATA_ROOT].read_file(embed_info["val_features"]):
-                            f.write(chunk)
-                    stats = finish_candidate(cand, registry=registry, dataset_dir=ds_dir, embed_info=embed_info,
-                                             val_features=val, modal_info={
-                                                 "run_id": run_id, "app": mapp.APP_NAME, "gpu": gpu,
-                                                 "cpu_shards": shards, "dataset": f"/{mapp.DATASETS_DIR}/{name}",
-                                                 "router": tstats["router_path"],
-                                                 "volumes": {k: settings[k] for k in (ENV_DATA_VOLUME, ENV_OUTPUT_VOLUME,
-                                                                                      ENV_CHECKPOINTS_VOLUME)},
-                                                 "checkpoints_on_volume": tstats.get("checkpoints_on_volume"),
-                                                 "seconds": round(time.perf_counter() - t0, 1)})
+                local = Path(tmp) / "features.safetensors"
+                with open(local, "wb") as f:
+                    for chunk in mapp.VOLUMES[mapp.DATA_ROOT].read_file(embed_info["features"]):
+                        f.write(chunk)
+                features = SplitFeatures.from_file(local)
+            features.stats.update(embedded_new=embed_info["embedded_new"], reused_cached=embed_info["reused_cached"])
+            modal_info = {"run_id": run_id, "app": mapp.APP_NAME, "gpu": gpu, "cpu_shards": shards,
+                          "dataset": f"/{mapp.DATASETS_DIR}/{name}", "router": tstats["router_path"],
+                          "volumes": {k: settings[k] for k in (ENV_DATA_VOLUME, ENV_OUTPUT_VOLUME,
+                                                               ENV_CHECKPOINTS_VOLUME)},
+                          "checkpoints_on_volume": tstats.get("checkpoints_on_volume"),
+                          "seconds": round(time.perf_counter() - t0, 1)}
+            candidate = finish_candidate(cand, features, dataset_dir=ds_dir, modal_info=modal_info)
+            candidate.stats["train"] = tstats.get("train")
     except BaseException as e:
         if cand is not None:
             shutil.rmtree(cand, ignore_errors=True)
@@ -478,8 +443,4 @@ def retrain_modal(request: RetrainRequest) -> RetrainResult:
         if isinstance(e, Exception):
             raise _modal_error(step, e) from e
         raise
-    return RetrainResult(router_dir=str(registry.router_dir), candidate_dir=str(cand), promoted=False,
-                         adapters=stats["adapters"], val_acc=stats["val_acc"], live_val_acc=stats["live_val_acc"],
-                         embedded_new=stats["embedded_new"], reused_cached=stats["reused_cached"],
-                         metrics=stats["metrics"], dataset_dir=str(ds_dir), backend="modal",
-                         stats={"embed": embed_info, "train": tstats.get("train"), "modal": stats["metrics"]["modal"]})
+    return candidate

@@ -10,8 +10,9 @@ import typer
 from rich.table import Table
 
 from vlrouter.cli.app import app
-from vlrouter.cli.ui import RichProgress, console, handle_errors
-from vlrouter.core.errors import InputError
+from vlrouter.cli.ui import RichProgress, console
+from vlrouter.core.errors import InputError, located
+from vlrouter.demo.pipeline import DemoConfig, run_demo
 
 
 def _step(title: str) -> None:
@@ -59,7 +60,6 @@ def _on_step(name: str, report) -> None:
 
 
 @app.command("demo")
-@handle_errors
 def demo_cmd(
     directory: Annotated[Path, typer.Argument(help="Folder to create the demo in (datasets, models, registry).")]
     = Path("vlrouter-demo"),
@@ -71,10 +71,9 @@ def demo_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed for data, adapters and router.")] = 0,
 ) -> None:
     """Run the offline demo: datasets, tiny base model, LoRAs, retrain, add-adapter, eval, act."""
-    from vlrouter.demo.pipeline import DemoConfig, run_demo
-
     if directory.exists() and (directory / "registry.yaml").exists():
-        raise InputError(f"{directory}: a demo already lives here (fix: choose another folder or delete it)")
+        raise InputError(located(directory, None, "a demo already lives here",
+                                 fix="choose another folder or delete it"))
     start = time.perf_counter()
     _step("vlrouter demo: synthetic screenshots, tiny Qwen3-VL, 4 LoRA adapters")
     report = run_demo(directory, DemoConfig(samples_per_task=samples, lora_steps=lora_steps, seed=seed,

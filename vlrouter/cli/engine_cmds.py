@@ -15,7 +15,10 @@ from rich.table import Table
 
 from vlrouter.cli.app import app
 from vlrouter.cli.options import DEFAULT_REGISTRY, DeviceOpt, JsonOpt, RegistryOpt
-from vlrouter.cli.ui import RichProgress, console, handle_errors, print_json
+from vlrouter.cli.ui import RichProgress, console, print_json
+from vlrouter.core.engine import Engine
+from vlrouter.core.errors import InputError, located
+from vlrouter.core.images import open_image
 
 ImageArg = Annotated[str, typer.Argument(help="Screenshot to act on (PNG/JPEG path).", show_default=False)]
 PromptArg = Annotated[str, typer.Argument(help="The instruction, e.g. 'Click March 29'.", show_default=False)]
@@ -24,17 +27,13 @@ MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="M
 
 def _inputs(image: str, prompt: str):
     """Open the image and check the prompt before the (slow) model load: bad input fails fast."""
-    from vlrouter.core.errors import InputError
-    from vlrouter.core.images import open_image
-
     if not prompt.strip():
-        raise InputError("prompt is empty (fix: pass the instruction text, e.g. 'Click March 29')")
+        raise InputError(located(None, "PROMPT", "prompt is empty",
+                                 fix="pass the instruction text, e.g. 'Click March 29'"))
     return open_image(image), prompt
 
 
 def _engine(registry, device):
-    from vlrouter.core.engine import Engine
-
     with RichProgress().task("loading base model, adapters and router") as t:
         engine = Engine.from_registry(registry, device=device)
         t.advance()
@@ -65,7 +64,6 @@ def _probs_table(probs: dict[str, float], routed: str, acting: str | None = None
 
 
 @app.command("route")
-@handle_errors
 def route_cmd(
     image: ImageArg,
     prompt: PromptArg,
@@ -85,7 +83,6 @@ def route_cmd(
 
 
 @app.command("act")
-@handle_errors
 def act_cmd(
     image: ImageArg,
     prompt: PromptArg,

@@ -8,7 +8,8 @@ from vlrouter.cli.app import app
 from vlrouter.cli.ui import quiet_libraries
 
 COMMAND_MODULES = (
-    "vlrouter.cli.registry_cmds",  # plugins, status, add-adapter, remove-adapter, tiny-model
+    "vlrouter.cli.registry_cmds",  # plugins, status, add-adapter, remove-adapter
+    "vlrouter.cli.model_cmds",  # tiny-model
     "vlrouter.cli.train_cmds",  # build-dataset, embed, train, eval, retrain
     "vlrouter.cli.engine_cmds",  # route, act
     "vlrouter.cli.demo_cmds",  # demo

@@ -11,28 +11,25 @@ from typing import Annotated, Optional
 
 import typer
 
+from vlrouter.backends.modal_run import check_credentials, upload_dataset
 from vlrouter.cli.app import app
 from vlrouter.cli.options import DEFAULT_REGISTRY, JsonOpt, RegistryOpt
-from vlrouter.cli.ui import RichProgress, console, handle_errors, print_json
+from vlrouter.cli.ui import RichProgress, console, print_json
+from vlrouter.core.data import newest_routing_dataset
+from vlrouter.core.registry import Registry
 
 
 @app.command("upload-dataset")
-@handle_errors
 def upload_dataset_cmd(
     dataset: Annotated[Optional[Path], typer.Argument(
-        help="A routing dataset folder (routing_YYYYMMDD_HHMMSS). Default: the newest under train.datasets_dir.")] = None,
+        help="A routing dataset folder (routing_YYYYMMDD_HHMMSS). Default: the newest under "
+             "train.datasets_dir.")] = None,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
 ) -> None:
     """Upload a routing dataset and its screenshots to the Modal data volume (modal.data_volume,
     default moe-lora-data) under /datasets/<name>/."""
-    from vlrouter.backends.modal_run import check_credentials
-
     check_credentials()  # before anything else: no token, no work
-    from vlrouter.backends.modal_run import upload_dataset
-    from vlrouter.core.data import newest_routing_dataset
-    from vlrouter.core.registry import Registry
-
     reg = Registry.load(registry)
     ds = dataset if dataset is not None else newest_routing_dataset(reg.resolve(reg.model.train.datasets_dir))
     where = upload_dataset(reg, ds, progress=RichProgress())

@@ -27,11 +27,18 @@ BaseModelOpt = Annotated[Optional[str], typer.Option("--base-model-id",
                                                      help="Hub id or local path of the Qwen3-VL base (base_model).")]
 TrainSamplesOpt = Annotated[Optional[int], typer.Option("--train-samples", min=1,
                                                         help="Samples taken per adapter for the routing dataset.")]
-EvalSamplesOpt = Annotated[Optional[int], typer.Option("--eval-samples", min=0,
-                                                       help="Extra held-out samples per adapter (seed's --eval-samples).")]
-BackendOpt = Annotated[Optional[str], typer.Option("--backend", help="Training backend: local or modal (train.backend).")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Promote even if validation accuracy is below the live router's.")]
-GpuOpt = Annotated[Optional[str], typer.Option("--gpu", help="Modal GPU type for --backend modal, e.g. H100, A100-80GB, "
-                                                           "H100:2 (default: modal.gpu in registry.yaml).")]
+EvalSamplesOpt = Annotated[Optional[int], typer.Option(
+    "--eval-samples", min=0, help="Extra held-out samples per adapter (seed's --eval-samples).")]
+BackendOpt = Annotated[Optional[str], typer.Option(
+    "--backend", help="Training backend: local or modal (train.backend).")]
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Promote even if validation accuracy is below the live router's.")]
+GpuOpt = Annotated[Optional[str], typer.Option(
+    "--gpu", help="Modal GPU type for --backend modal, e.g. H100, A100-80GB, H100:2 (default: modal.gpu in "
+                  "registry.yaml).")]
 NoRetrainOpt = Annotated[bool, typer.Option(
     "--no-retrain", help="Only edit registry.yaml; the router stays stale until `router retrain`.")]
+
+def overrides(**flags) -> dict:
+    """The flags that were given (``None`` means not given), by training-option name."""
+    return {k: v for k, v in flags.items() if v is not None}

@@ -1,21 +1,16 @@
-"""Registry and plugin commands: ``plugins``, ``status``, ``add-adapter``, ``remove-adapter``, ``tiny-model``.
+"""Registry and plugin commands: ``plugins``, ``status``, ``add-adapter``, ``remove-adapter``.
 
-Edits to registry.yaml are validated in memory first (:meth:`Registry.add_adapter`,
-:meth:`Registry.remove_adapter`), the router is retrained for the new label set unless
-``--no-retrain``, and only then is the file written (atomically, comments kept). Any
-error on the way leaves registry.yaml byte-identical.
+Parse, call, print: the entry an adapter gets comes from
+:func:`vlrouter.plugins.manager.new_adapter_entry`, the edit from
+:meth:`Registry.add_adapter` / :meth:`Registry.remove_adapter`, the retrain-then-save from
+:func:`vlrouter.core.recipe.edit_adapters` (registry.yaml is written only after the retrain
+succeeds, and never over a concurrent edit). Any error leaves registry.yaml byte-identical.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import struct
 from pathlib import Path
-from types import ModuleType
 from typing import Annotated, Any, Optional
-
-import enum
 
 import typer
 from rich.markup import escape
@@ -33,113 +28,30 @@ from vlrouter.cli.options import (
     NoRetrainOpt,
     PatienceOpt,
     RegistryOpt,
+    overrides,
 )
-from vlrouter.cli.ui import RichProgress, console, err_console, handle_errors, print_json
-from vlrouter.core.errors import CheckpointError, RegistryError, StaleRouterError, TrainingError, located
-from vlrouter.core.registry import NAME_RE, AdapterEntry, Registry, suggest
-from vlrouter.core.tiny import PRESETS
-
-# ---- shared helpers ------------------------------------------------------------------------
-
-
-def _load(registry: Path) -> tuple[Registry, bytes]:
-    """The registry and the exact bytes it was parsed from (to refuse overwriting a concurrent edit)."""
-    reg = Registry.load(registry)
-    return reg, reg.path.read_bytes()
-
-
-def _save(new: Registry, before: bytes, *, retrained: bool = False) -> None:
-    """Atomic save, refused when someone else changed the file since we read it."""
-    try:
-        now = new.path.read_bytes()
-    except OSError:
-        now = None
-    if now != before:
-        after = (f"; the router retrained for {', '.join(new.adapter_names)} is already live, so it is stale "
-                 "against the file until you run the command again") if retrained else ""
-        raise RegistryError(located(new.path, None, f"the file changed on disk while this command ran; not "
-                                    f"overwriting it{after}", fix="run the command again"))
-    new.save()
+from vlrouter.cli.ui import RichProgress, console, err_console, print_json
+from vlrouter.core.options import resolve_options
+from vlrouter.core.recipe import RetrainResult, edit_adapters
+from vlrouter.core.registry import Registry
+from vlrouter.core.status import is_peft_dir, registry_status
+from vlrouter.plugins.manager import (
+    BUILTIN_PLUGINS,
+    collect_adapters,
+    get_backend,
+    get_plugin_manager,
+    new_adapter_entry,
+    plugin_table,
+)
 
 
-def _count_lines(path: Path) -> int:
-    n = 0
-    with path.open("rb") as f:
-        for line in f:
-            if line.strip():
-                n += 1
-    return n
-
-
-def _is_peft_dir(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file()
-
-
-def _as_registry_path(reg: Registry, value: str) -> str:
-    """A path typed on the command line (relative to the cwd) as registry.yaml stores it.
-
-    registry.yaml's relative paths resolve against the registry's folder, so a relative
-    path given here is rewritten relative to that folder (unchanged when the registry sits
-    in the current directory). Absolute paths stay absolute.
-    """
-    p = Path(value).expanduser()
-    if p.is_absolute():
-        return str(p)
-    absolute = Path(os.path.abspath(p))
-    root = Path(os.path.abspath(reg.root))
-    try:
-        return absolute.relative_to(root).as_posix()
-    except ValueError:
-        return os.path.relpath(absolute, root)
-
-
-def _plugin_module_name(pm, plugin_label: str) -> str | None:
-    """The importable module behind a registered plugin (what ``plugin:`` in registry.yaml needs).
-
-    Built-ins are registered under their module name, entry-point plugins under the entry
-    point's name: in both cases the module's ``__name__`` is written, so registry.yaml works
-    with entry-point loading switched off too. Non-module plugins (objects) get no ``plugin:``.
-    """
-    obj = pm.get_plugin(plugin_label)
-    if isinstance(obj, ModuleType):
-        return obj.__name__
-    return None
-
-
-def _overrides(**flags: Any) -> dict[str, Any]:
-    return {k: v for k, v in flags.items() if v is not None}
-
-
-def _retrain(new: Registry, *, overrides: dict[str, Any], force: bool, backend: str | None):
-    """Train and promote a router for the in-memory registry ``new``. Does not write registry.yaml."""
-    try:
-        from vlrouter.core.train import run_retrain
-    except ImportError as e:
-        raise TrainingError(f"retraining is not available in this install ({e}) "
-                            "(fix: pass --no-retrain, then `router retrain` once training is installed)") from None
-    kwargs: dict[str, Any] = {"backend": backend} if backend is not None else {}
-    result = run_retrain(new, overrides=overrides, force=force, progress=RichProgress(), **kwargs)
-    if not getattr(result, "promoted", True):
-        msg = getattr(result, "message", "") or "the eval gate kept the live router"
-        raise TrainingError(located(new.router_dir, None, f"the new router was not promoted: {msg}; "
-                                    f"{new.path.name} was left unchanged",
-                                    fix="pass --force to promote it anyway, or --no-retrain"))
-    return result
-
-
-def _report_retrain(result) -> None:
-    acc = getattr(result, "val_acc", None)
-    bits = []
-    if acc is not None:
-        bits.append(f"val acc {acc:.3f}")
-    live = getattr(result, "live_val_acc", None)
-    if live is not None:
-        bits.append(f"previous {live:.3f}")
-    new_emb, reused = getattr(result, "embedded_new", None), getattr(result, "reused_cached", None)
-    if new_emb is not None and reused is not None:
-        bits.append(f"embedded {new_emb} new, reused {reused} cached")
-    console.print(f"router retrained and promoted: {escape(str(getattr(result, 'router_dir', '')))}"
-                  + (f" ({', '.join(bits)})" if bits else ""), highlight=False, soft_wrap=True)
+def _report_retrain(result: RetrainResult) -> None:
+    bits = [f"val acc {result.val_acc:.3f}"]
+    if result.live_val_acc is not None:
+        bits.append(f"previous {result.live_val_acc:.3f}")
+    bits.append(f"embedded {result.embedded_new} new, reused {result.reused_cached} cached")
+    console.print(f"router retrained and promoted: {escape(result.router_dir)} ({', '.join(bits)})",
+                  highlight=False, soft_wrap=True)
 
 
 def _stale_hint(reg: Registry) -> None:
@@ -150,51 +62,25 @@ def _stale_hint(reg: Registry) -> None:
         console.print("no router trained yet: run `router retrain`", highlight=False, soft_wrap=True)
 
 
-def _router_state(reg: Registry) -> dict[str, Any]:
-    """The live router folder as `status` reports it: missing / ok / stale / unreadable."""
-    from vlrouter.core.head import check_compatible, read_meta
-
-    d = reg.router_dir
-    out: dict[str, Any] = {"dir": str(d)}
-    if not (d / "router.json").is_file():
-        out["state"] = "missing"
-        return out
-    try:
-        meta = read_meta(d)
-    except CheckpointError as e:
-        out.update(state="unreadable", reason=str(e))
-        return out
-    out.update(adapters=list(meta.adapters), created_at=meta.created_at, val_acc=meta.best_acc,
-               base_model=meta.base_model, pooling=meta.pooling, layer=meta.layer)
-    # A router may record the registry's base_model as written, or resolved to a local folder
-    # (relative to the cwd of the run that trained it, or absolute): all name the same model.
-    raw = reg.model.base_model
-    same = meta.base_model in (raw, reg.base_model) or (
-        reg.resolve(raw).exists() and Path(meta.base_model).is_absolute()
-        and os.path.realpath(meta.base_model) == os.path.realpath(reg.resolve(raw)))
-    base = meta.base_model if same else raw
-    try:
-        check_compatible(meta, adapters=reg.adapter_names, base_model=base, pooling=reg.model.router.pooling,
-                         layer=reg.model.router.layer, where=d / "router.json")
-        out["state"] = "ok"
-    except StaleRouterError as e:
-        out.update(state="stale", reason=str(e))
-    return out
+def _edit(new: Registry, *, retrain: bool, flags: dict[str, Any], force: bool) -> RetrainResult | None:
+    """Retrain for the edited registry ``new`` (unless not ``retrain``), then save it."""
+    if not retrain:
+        return edit_adapters(new, backend=None)
+    options = resolve_options(new, flags)
+    backend = get_backend(get_plugin_manager(new), options.backend)
+    return edit_adapters(new, backend=backend, options=options, force=force, progress=RichProgress())
 
 
 # ---- router plugins ------------------------------------------------------------------------
 
 
 @app.command("plugins")
-@handle_errors
 def plugins_cmd(
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
 ) -> None:
     """List plugins: built-ins, installed packages (entry-point group `vlrouter`) and modules named by
     `plugin:` in registry.yaml; with the hooks each implements and the adapters each declares."""
-    from vlrouter.plugins.manager import BUILTIN_PLUGINS, collect_adapters, get_plugin_manager, plugin_table
-
     reg = Registry.load(registry) if Path(registry).exists() else None
     pm = get_plugin_manager(reg)
     order = {name: i for i, name in enumerate(BUILTIN_PLUGINS)}
@@ -228,7 +114,6 @@ def plugins_cmd(
 
 
 @app.command("status")
-@handle_errors
 def status_cmd(
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
@@ -236,25 +121,11 @@ def status_cmd(
     """Show the registry's adapters (label, plugin, dataset and checkpoint present or missing) and the
     router: missing, or its adapters, creation time, validation accuracy and whether it is stale."""
     reg = Registry.load(registry)
-    adapters = []
-    for i, a in enumerate(reg.adapters):
-        ds, ck = reg.resolve(a.dataset), reg.resolve(a.checkpoint)
-        ds_ok = ds.is_file()
-        adapters.append({
-            "label": i,
-            "name": a.name,
-            "plugin": a.plugin or "generic",
-            "dataset": str(ds),
-            "dataset_present": ds_ok,
-            "dataset_lines": _count_lines(ds) if ds_ok else None,
-            "checkpoint": str(ck),
-            "checkpoint_present": _is_peft_dir(ck),
-        })
-    router = _router_state(reg)
+    report = registry_status(reg)
     if as_json:
-        print_json({"registry": str(reg.path), "base_model": reg.model.base_model,
-                    "label_fingerprint": reg.label_fingerprint(), "adapters": adapters, "router": router})
+        print_json(report)
         return
+    adapters, router = report["adapters"], report["router"]
 
     console.print(f"registry: {escape(str(reg.path))}   base model: {escape(reg.model.base_model)}",
                   highlight=False, soft_wrap=True)
@@ -296,7 +167,6 @@ def status_cmd(
 
 
 @app.command("add-adapter")
-@handle_errors
 def add_adapter_cmd(
     name: Annotated[str, typer.Argument(help="Adapter name (the router label), e.g. provider-select.")],
     dataset: Annotated[Optional[str], typer.Option(
@@ -321,70 +191,26 @@ def add_adapter_cmd(
     NAME declared by a plugin (built-in or installed) takes its dataset/checkpoint defaults from it;
     any other NAME uses the generic JSONL adapter and needs --dataset and --checkpoint.
     registry.yaml is written only after the retrain succeeds (or at once with --no-retrain)."""
-    from vlrouter.plugins.manager import collect_adapters, get_plugin_manager, load_module_plugin
-
-    reg, before = _load(registry)
+    reg = Registry.load(registry)
+    entry, source = new_adapter_entry(reg, name, dataset=dataset, checkpoint=checkpoint, plugin=plugin)
     label = len(reg.adapter_names)
-    where = f"adapters[{label}].name"
-    if not NAME_RE.match(name):
-        raise RegistryError(located(reg.path, where, f"adapter name {name!r} must match [a-z0-9][a-z0-9-]* "
-                                    "(lowercase letters, digits, dashes)", fix="e.g. 'provider-select'"))
-    if name in reg.adapter_names:
-        # Let the registry word it (with the line of the existing entry).
-        reg.add_adapter(AdapterEntry(name=name, dataset="-", checkpoint="-"))
-    pm = get_plugin_manager(reg)
-    if plugin:
-        load_module_plugin(pm, plugin, where=(None, "--plugin"))
-    specs = collect_adapters(pm)
-    spec = specs.get(name)
-    plugin_value: str | None = None
-    if spec is not None:
-        plugin_value = _plugin_module_name(pm, spec.plugin)
-        if plugin and plugin_value and plugin != plugin_value:
-            raise RegistryError(located(None, "--plugin", f"adapter {name!r} is declared by plugin "
-                                        f"{spec.plugin!r}, not {plugin!r}", fix="drop --plugin"))
-        if dataset is None and spec.dataset is None:
-            raise RegistryError(located(reg.path, f"adapters[{label}].dataset", f"plugin {spec.plugin!r} gives no "
-                                        f"default dataset for {name!r}", fix="pass --dataset PATH"))
-        if checkpoint is None and spec.checkpoint is None:
-            raise RegistryError(located(reg.path, f"adapters[{label}].checkpoint", f"plugin {spec.plugin!r} gives "
-                                        f"no default checkpoint for {name!r}", fix="pass --checkpoint PATH"))
-        ds_value = _as_registry_path(reg, dataset) if dataset is not None else spec.dataset
-        ck_value = _as_registry_path(reg, checkpoint) if checkpoint is not None else spec.checkpoint
-    else:
-        if dataset is None and checkpoint is None:
-            raise RegistryError(located(reg.path, where, f"unknown adapter {name!r}"
-                                        + suggest(name, sorted(set(specs) | set(reg.adapter_names))),
-                                        fix="install its plugin, or pass --dataset and --checkpoint for the "
-                                            "generic adapter"))
-        if dataset is None or checkpoint is None:
-            missing = "--dataset" if dataset is None else "--checkpoint"
-            raise RegistryError(located(reg.path, where, f"no plugin declares {name!r}, so the generic adapter "
-                                        f"needs both --dataset and --checkpoint", fix=f"add {missing} PATH"))
-        plugin_value = plugin
-        ds_value, ck_value = _as_registry_path(reg, dataset), _as_registry_path(reg, checkpoint)
-
-    new = reg.add_adapter(AdapterEntry(name=name, plugin=plugin_value, dataset=ds_value, checkpoint=ck_value))
+    new = reg.add_adapter(entry)
     new.check_paths([name])
-    source = f"plugin {plugin_value}" if plugin_value else "generic JSONL adapter"
-    if no_retrain:
-        _save(new, before)
-        console.print(f"added {name!r} as label {label} ({source}) to {escape(str(new.path))}", highlight=False, soft_wrap=True)
+    result = _edit(new, retrain=not no_retrain, force=force,
+                   flags=overrides(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, backend=backend))
+    console.print(f"added {name!r} as label {label} ({source}) to {escape(str(new.path))}", highlight=False,
+                  soft_wrap=True)
+    if result is None:
         _stale_hint(new)
     else:
-        result = _retrain(new, overrides=_overrides(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience),
-                          force=force, backend=backend)
-        _save(new, before, retrained=True)
-        console.print(f"added {name!r} as label {label} ({source}) to {escape(str(new.path))}", highlight=False, soft_wrap=True)
         _report_retrain(result)
-    if not _is_peft_dir(new.resolve(ck_value)):
-        err_console.print(f"[yellow]note:[/] checkpoint {escape(str(new.resolve(ck_value)))} has no "
+    if not is_peft_dir(new.resolve(entry.checkpoint)):
+        err_console.print(f"[yellow]note:[/] checkpoint {escape(str(new.resolve(entry.checkpoint)))} has no "
                           "adapter_config.json yet; routing works, but `router act` needs it", highlight=False,
                           soft_wrap=True)
 
 
 @app.command("remove-adapter")
-@handle_errors
 def remove_adapter_cmd(
     name: Annotated[str, typer.Argument(help="Adapter name to remove; later labels move up by one.")],
     no_retrain: NoRetrainOpt = False,
@@ -400,67 +226,19 @@ def remove_adapter_cmd(
 
     Its dataset and checkpoint files are left on disk. registry.yaml is written only after the
     retrain succeeds (or at once with --no-retrain)."""
-    reg, before = _load(registry)
+    reg = Registry.load(registry)
     label = reg.index_of(name)
     new = reg.remove_adapter(name)
     remaining = new.adapter_names
-    if no_retrain or len(remaining) < 2:
-        _save(new, before)
-        console.print(f"removed {name!r} (was label {label}); {len(remaining)} adapters left: "
-                      f"{', '.join(remaining) or 'none'}", highlight=False, soft_wrap=True)
-        if len(remaining) < 2 and not no_retrain:
-            console.print("fewer than two adapters left: nothing to route between, so no retrain", highlight=False, soft_wrap=True)
-        _stale_hint(new)
+    retrain = not no_retrain and len(remaining) >= 2
+    result = _edit(new, retrain=retrain, force=force,
+                   flags=overrides(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, backend=backend))
+    console.print(f"removed {name!r} (was label {label}); {len(remaining)} adapters left: "
+                  f"{', '.join(remaining) or 'none'}", highlight=False, soft_wrap=True)
+    if result is not None:
+        _report_retrain(result)
         return
-    result = _retrain(new, overrides=_overrides(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience),
-                      force=force, backend=backend)
-    _save(new, before, retrained=True)
-    console.print(f"removed {name!r} (was label {label}); {len(remaining)} adapters left: {', '.join(remaining)}",
-                  highlight=False, soft_wrap=True)
-    _report_retrain(result)
-
-
-# ---- router tiny-model -----------------------------------------------------------------------
-
-
-def _safetensors_parameters(folder: Path) -> int:
-    """Sum of tensor sizes from the safetensors headers (no torch import, no weights read)."""
-    total = 0
-    for f in sorted(folder.glob("*.safetensors")):
-        with f.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            count = 1
-            for dim in info["shape"]:
-                count *= dim
-            total += count
-    return total
-
-
-Preset = enum.Enum("Preset", {name: name for name in PRESETS}, type=str)
-
-
-@app.command("tiny-model")
-@handle_errors
-def tiny_model_cmd(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write the model, tokenizer and processor into.")],
-    preset: Annotated[Preset, typer.Option(
-        "--preset", help="tiny: ~0.2M parameters for tests; demo: ~2M for the demo; 100m: ~100M parameters for "
-                         "benchmarks.")] = Preset("tiny"),
-) -> None:
-    """Build a random Qwen3-VL (model + tokenizer + image processor + chat template) offline.
-
-    The folder loads with from_pretrained like a hub checkpoint: use it as `base_model:`."""
-    from vlrouter.cli.ui import quiet_libraries
-    from vlrouter.core.tiny import build_tiny_model
-
-    quiet_libraries()
-    preset = preset.value
-    with RichProgress().task(f"building {preset} Qwen3-VL"):
-        out = build_tiny_model(out_dir, preset)
-    n = _safetensors_parameters(Path(out))
-    console.print(f"wrote a random Qwen3-VL (preset {preset}, {n:,} parameters) to {escape(str(out))}",
-                  highlight=False, soft_wrap=True)
+    if len(remaining) < 2 and not no_retrain:
+        console.print("fewer than two adapters left: nothing to route between, so no retrain", highlight=False,
+                      soft_wrap=True)
+    _stale_hint(new)

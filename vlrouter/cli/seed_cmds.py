@@ -16,11 +16,13 @@ from rich.markup import escape
 
 from vlrouter.cli.app import app
 from vlrouter.cli.options import JsonOpt
-from vlrouter.cli.ui import console, err_console, handle_errors, print_json
+from vlrouter.cli.ui import console, err_console, print_json
+from vlrouter.core.errors import InputError, located
+from vlrouter.core.seed_import import WARNING, import_seed_head
+from vlrouter.core.store import read_meta
 
 
 @app.command("import-seed-head")
-@handle_errors
 def import_seed_head_cmd(
     pt_path: Annotated[Path, typer.Argument(help="The seed's router-head.pt (a torch.save file).",
                                             show_default=False)],
@@ -40,13 +42,10 @@ def import_seed_head_cmd(
 
     For inspection and migration: the seed's head was trained on token-0 features, which are the same
     for every input, so the imported router needs `router retrain` before it routes."""
-    from vlrouter.core.errors import InputError
-    from vlrouter.core.head import read_meta
-    from vlrouter.core.seed_import import WARNING, import_seed_head
-
     if pooling is None:
-        raise InputError("--pooling is required: the seed pooled token 0, which vlrouter does not offer "
-                         "(constant under causal attention) (fix: pass --pooling mean or --pooling last)")
+        raise InputError(located(None, "--pooling", "required: the seed pooled token 0, which vlrouter does not "
+                                 "offer (constant under causal attention)",
+                                 fix="pass --pooling mean or --pooling last"))
     names = [a for a in adapters.split(",") if a.strip()] if adapters is not None else None
     path = import_seed_head(pt_path, out, pooling=pooling, base_model=base_model, layer=layer, adapters=names)
     meta = read_meta(path)

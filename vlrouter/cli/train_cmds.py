@@ -1,13 +1,14 @@
 """Training commands: ``build-dataset``, ``embed``, ``train``, ``eval``, ``retrain``.
 
-Each is a thin shell over :mod:`vlrouter.core.train` / :mod:`vlrouter.core.data`
-(which never print): options in, rich progress while it runs, a short report out.
-``retrain`` = build-dataset + embed + train + eval + gate/promote, on the chosen backend.
+Each is a thin shell over :mod:`vlrouter.core.recipe` (which never prints): options in,
+rich progress while it runs, a short report out. ``retrain`` = build-dataset + embed +
+train + eval + gate/promote, on the backend the plugin manager finds for its name.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -21,19 +22,25 @@ from vlrouter.cli.options import (
     BackendOpt,
     BaseModelOpt,
     BatchSizeOpt,
-    GpuOpt,
     DeviceOpt,
     EpochsOpt,
     EvalSamplesOpt,
     ForceOpt,
+    GpuOpt,
     JsonOpt,
     LrOpt,
     PatienceOpt,
     RegistryOpt,
     TrainSamplesOpt,
+    overrides,
 )
-from vlrouter.cli.ui import RichProgress, console, handle_errors, print_json
-from vlrouter.core.errors import InputError, PromotionRefused
+from vlrouter.cli.ui import RichProgress, console, print_json
+from vlrouter.core.errors import InputError, PromotionRefused, located
+from vlrouter.core.metrics import plot_confusion
+from vlrouter.core.options import resolve_options
+from vlrouter.core.recipe import RetrainResult, build_dataset, evaluate_router, run_embed, run_retrain, run_train
+from vlrouter.core.registry import Registry
+from vlrouter.plugins.manager import get_backend, get_plugin_manager
 
 DatasetOpt = Annotated[Optional[Path], typer.Option(
     "--dataset", help="A routing dataset folder (routing_YYYYMMDD_HHMMSS). Default: the newest under "
@@ -47,10 +54,6 @@ class Split(str, enum.Enum):
     val = "val"
     eval = "eval"
     train = "train"
-
-
-def _overrides(**flags: Any) -> dict[str, Any]:
-    return {k: v for k, v in flags.items() if v is not None}
 
 
 def _fmt(x: Any) -> str:
@@ -79,7 +82,7 @@ def _metrics_tables(metrics: dict[str, Any], title: str) -> None:
                       highlight=False)
 
 
-def _report(result, *, as_json: bool) -> None:
+def _report(result: RetrainResult, *, as_json: bool) -> None:
     if as_json:
         print_json({k: getattr(result, k) for k in ("promoted", "message", "router_dir", "candidate_dir",
                                                     "dataset_dir", "adapters", "val_acc", "live_val_acc",
@@ -110,7 +113,6 @@ def _refused(err: PromotionRefused, as_json: bool) -> None:
 
 
 @app.command("build-dataset")
-@handle_errors
 def build_dataset_cmd(
     train_samples: TrainSamplesOpt = None,
     eval_samples: EvalSamplesOpt = None,
@@ -124,17 +126,11 @@ def build_dataset_cmd(
     Writes train.jsonl, val.jsonl, eval.jsonl (with --eval-samples) and metadata.json into
     train.datasets_dir/routing_YYYYMMDD_HHMMSS. Label = the adapter's position in registry.yaml.
     Seeded and stratified; images that are missing or corrupt are skipped and counted."""
-    import json
-
-    from vlrouter.core.data import build_routing_dataset
-    from vlrouter.core.registry import Registry
-    from vlrouter.core.train import resolve_options
-
     reg = Registry.load(registry)
-    opts = resolve_options(reg, _overrides(train_samples=train_samples, eval_samples=eval_samples, seed=seed))
-    root = out if out is not None else reg.resolve(opts.datasets_dir)
-    path = build_routing_dataset(reg, root, train_samples=opts.train_samples, eval_samples=opts.eval_samples,
-                                 val_fraction=opts.val_fraction, seed=opts.seed, progress=RichProgress())
+    opts = resolve_options(reg, overrides(train_samples=train_samples, eval_samples=eval_samples, seed=seed))
+    if out is not None:
+        opts = opts.model_copy(update={"datasets_dir": str(out.resolve())})
+    path = build_dataset(reg, opts, RichProgress())
     meta = json.loads((path / "metadata.json").read_text())
     if as_json:
         print_json({"dataset_dir": str(path), **meta})
@@ -155,7 +151,6 @@ def build_dataset_cmd(
 
 
 @app.command("embed")
-@handle_errors
 def embed_cmd(
     dataset: DatasetOpt = None,
     workers: WorkersOpt = None,
@@ -168,12 +163,9 @@ def embed_cmd(
 
     Images + processor run in worker processes (train.workers), the forward in this one; features are
     cached by content (screenshot pixels + instruction + encoder), so nothing is embedded twice."""
-    from vlrouter.core.registry import Registry
-    from vlrouter.core.train import run_embed
-
     reg = Registry.load(registry)
-    stats = run_embed(reg, dataset_dir=dataset, progress=RichProgress(),
-                      overrides=_overrides(workers=workers, base_model_id=base_model_id, device=device))
+    opts = resolve_options(reg, overrides(workers=workers, base_model_id=base_model_id, device=device))
+    stats = run_embed(reg, opts, dataset_dir=dataset, progress=RichProgress())
     if as_json:
         print_json(stats)
         return
@@ -183,7 +175,6 @@ def embed_cmd(
 
 
 @app.command("train")
-@handle_errors
 def train_cmd(
     dataset: DatasetOpt = None,
     epochs: EpochsOpt = None,
@@ -201,14 +192,11 @@ def train_cmd(
 
     Default dataset: the newest. The new router is kept out if it scores below the live router on the
     same validation samples (--force to promote anyway)."""
-    from vlrouter.core.registry import Registry
-    from vlrouter.core.train import run_train
-
     reg = Registry.load(registry)
-    overrides = _overrides(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
-                           base_model_id=base_model_id, seed=seed, device=device)
+    opts = resolve_options(reg, overrides(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
+                                          base_model_id=base_model_id, seed=seed, device=device))
     try:
-        result = run_train(reg, dataset_dir=dataset, overrides=overrides, force=force, progress=RichProgress())
+        result = run_train(reg, opts, dataset_dir=dataset, force=force, progress=RichProgress())
     except PromotionRefused as e:
         _refused(e, as_json)
         raise
@@ -216,7 +204,6 @@ def train_cmd(
 
 
 @app.command("retrain")
-@handle_errors
 def retrain_cmd(
     backend: BackendOpt = None,
     force: ForceOpt = False,
@@ -237,17 +224,16 @@ def retrain_cmd(
 
     The new router is kept out if it scores below the live router on the same validation samples
     (--force to promote anyway). --backend modal runs the heavy steps on Modal."""
-    from vlrouter.core.registry import Registry
-    from vlrouter.core.train import run_retrain
-
     reg = Registry.load(registry)
-    overrides = _overrides(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
-                           base_model_id=base_model_id, train_samples=train_samples, eval_samples=eval_samples,
-                           seed=seed, device=device, gpu=gpu)
-    if gpu and (backend or reg.model.train.backend) != "modal":
-        raise InputError("--gpu chooses a Modal GPU (fix: add --backend modal, or drop --gpu)")
+    opts = resolve_options(reg, overrides(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
+                                          base_model_id=base_model_id, train_samples=train_samples,
+                                          eval_samples=eval_samples, seed=seed, device=device, gpu=gpu,
+                                          backend=backend))
+    if gpu and opts.backend != "modal":
+        raise InputError(located(None, "--gpu", "chooses a Modal GPU", fix="add --backend modal, or drop --gpu"))
+    fn = get_backend(get_plugin_manager(reg), opts.backend)
     try:
-        result = run_retrain(reg, overrides=overrides, force=force, progress=RichProgress(), backend=backend)
+        result = run_retrain(reg, opts, fn, force=force, progress=RichProgress())
     except PromotionRefused as e:
         _refused(e, as_json)
         raise
@@ -255,7 +241,6 @@ def retrain_cmd(
 
 
 @app.command("eval")
-@handle_errors
 def eval_cmd(
     dataset: DatasetOpt = None,
     split: Annotated[Split, typer.Option("--split", help="Which split to score.")] = Split.val,
@@ -270,12 +255,9 @@ def eval_cmd(
 
     Default: the newest routing dataset's val split. Prints the tables and writes the confusion matrix
     as a PNG; ECE before and after the router's temperature. Reuses cached features."""
-    from vlrouter.core.registry import Registry
-    from vlrouter.core.train import plot_confusion, run_eval
-
     reg = Registry.load(registry)
-    report = run_eval(reg, dataset_dir=dataset, split=split.value, overrides=_overrides(device=device),
-                      progress=RichProgress())
+    opts = resolve_options(reg, overrides(device=device))
+    report = evaluate_router(reg, opts, dataset_dir=dataset, split=split.value, progress=RichProgress())
     out = png if png is not None else Path(report["dataset_dir"]) / "eval" / f"{split.value}_confusion.png"
     plot_confusion(report["metrics"], out, title=f"{Path(report['dataset_dir']).name} / {split.value}")
     report["png"] = str(out)

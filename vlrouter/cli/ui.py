@@ -1,18 +1,17 @@
-"""Console helpers: the rich progress renderer and the one-line error boundary."""
+"""Console helpers: the rich progress renderer, one-line errors, JSON output."""
 
 from __future__ import annotations
 
-import functools
+import json
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-from vlrouter.core.errors import RouterError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -67,40 +66,10 @@ def quiet_libraries() -> None:
 
 
 def fail(message: str, code: int = 1) -> None:
-    from rich.markup import escape
-
     # escape: messages hold brackets (`adapters[2]`, `[a-z0-9]`) that rich would eat as markup
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
-def handle_errors(fn: Callable) -> Callable:
-    """Turn RouterError into one red line and exit 1; tracebacks only with VLROUTER_DEBUG=1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        debug = os.environ.get("VLROUTER_DEBUG", "") not in ("", "0")
-        try:
-            return fn(*args, **kwargs)
-        except RouterError as e:
-            if debug:
-                raise
-            fail(str(e), e.exit_code)
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]: nothing half-written was kept")
-            raise typer.Exit(130)
-        except (typer.Exit, typer.Abort, SystemExit):
-            raise
-        except Exception as e:  # a bug: still one line, with the hint to get the traceback
-            if debug:
-                raise
-            fail(f"unexpected {type(e).__name__}: {e} (run again with VLROUTER_DEBUG=1 for the traceback; "
-                 "please report it)", 2)
-
-    return wrapper
-
-
 def print_json(data) -> None:
-    import json
-
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")

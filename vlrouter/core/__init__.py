@@ -1,0 +1,1 @@
+"""The engine room: registry, data, encoder, features, head training, the router store, the engine."""

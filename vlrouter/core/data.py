@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlrouter.core.errors import DatasetError, located
+from vlrouter.core.images import MAX_PIXELS, MAX_SIDE
 from vlrouter.core.progress import Progress, progress_or_null
 
 if TYPE_CHECKING:
@@ -211,8 +212,6 @@ def verify_image(path: str | Path) -> str | None:
     import warnings
 
     from PIL import Image
-
-    from vlrouter.core.images import MAX_PIXELS, MAX_SIDE
 
     p = Path(path)
     if not p.is_file():

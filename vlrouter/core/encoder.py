@@ -13,6 +13,7 @@ choice; ``tests/core/test_encoder.py`` shows it). ``mean`` averages the non-pad 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -25,31 +26,33 @@ from vlrouter.core.errors import InputError, ModelLoadError, located
 
 POOLINGS = ("mean", "last")
 
-try:  # transformers>=5 builds the real processor class; we subclass it.
-    from transformers import Qwen3VLProcessor as _Qwen3VLProcessor
-    from transformers.processing_utils import ProcessorMixin as _ProcessorMixin
-except Exception as _e:  # pragma: no cover - transformers too old
-    raise ImportError("vlrouter needs transformers>=5 with Qwen3-VL support") from _e
-
-
-class ImageOnlyQwen3VLProcessor(_Qwen3VLProcessor):
-    """Qwen3VLProcessor without the video processor (which needs torchvision).
+@functools.cache
+def image_only_processor_class() -> type:
+    """``ImageOnlyQwen3VLProcessor``: Qwen3VLProcessor without the video processor (which needs torchvision).
 
     Same tokenizer, image processor and chat template as the real one, and the real
     ``__call__`` (image-token expansion, ``mm_token_type_ids``), so outputs for
-    images are identical. Screenshots need no video.
+    images are identical. Screenshots need no video. Built on first use, so importing
+    this module does not import transformers.
     """
+    from transformers import Qwen3VLProcessor
+    from transformers.processing_utils import ProcessorMixin
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-        _ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-        self.vision_start_token = getattr(tokenizer, "vision_start_token", None) or "<|vision_start|>"
-        self.vision_end_token = getattr(tokenizer, "vision_end_token", None) or "<|vision_end|>"
-        self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
-        self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
+    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+        __doc__ = image_only_processor_class.__doc__
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+            self.vision_start_token = getattr(tokenizer, "vision_start_token", None) or "<|vision_start|>"
+            self.vision_end_token = getattr(tokenizer, "vision_end_token", None) or "<|vision_end|>"
+            self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
+            self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
+
+    return ImageOnlyQwen3VLProcessor
 
 
 def resolve_device(device: str | None = None) -> str:
@@ -70,7 +73,8 @@ def resolve_dtype(dtype: str | None, device: str):
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
-        raise InputError(f"unknown dtype {dtype!r} (fix: one of float32, bfloat16, float16, auto)")
+        raise InputError(located(None, "router.dtype", f"unknown dtype {dtype!r}",
+                                 fix="one of float32, bfloat16, float16, auto"))
     return table[dtype]
 
 
@@ -113,7 +117,8 @@ def load_processor(base_model: str, *, revision: str | None = None):
         raise ModelLoadError(
             located(base_model, None, "no chat template found", fix="add chat_template.jinja to the model folder")
         )
-    return ImageOnlyQwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+    return image_only_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
+                                        chat_template=template)
 
 
 def load_base_model(base_model: str, *, device: str | None = None, dtype: str | None = None,
@@ -131,7 +136,8 @@ def load_base_model(base_model: str, *, device: str | None = None, dtype: str | 
                     fix="pass a local Qwen3-VL folder (e.g. from `router tiny-model`), or a hub id with network access")
         ) from None
     except ValueError as e:
-        raise ModelLoadError(located(base_model, None, f"not a Qwen3-VL checkpoint: {e}", fix="use a Qwen3-VL model")) from None
+        raise ModelLoadError(located(base_model, None, f"not a Qwen3-VL checkpoint: {e}",
+                                     fix="use a Qwen3-VL model")) from None
     model.to(dev).eval()
     model.requires_grad_(False)
     return model
@@ -178,12 +184,14 @@ def build_inputs(processor, images: Sequence, prompts: Sequence[str], *, add_gen
     ``image_grid_thw`` and ``mm_token_type_ids`` -- pass them all to the model.
     """
     if len(images) != len(prompts):
-        raise InputError(f"got {len(images)} images for {len(prompts)} prompts")
+        raise InputError(located(None, "images", f"got {len(images)} images for {len(prompts)} prompts",
+                                 fix="pass one image per prompt"))
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p.strip():
-            raise InputError(f"prompt {i} is empty (fix: pass the instruction text)")
+            raise InputError(located(None, f"item {i}", "prompt is empty", fix="pass the instruction text"))
     texts = [
-        processor.apply_chat_template(build_messages(img, p), tokenize=False, add_generation_prompt=add_generation_prompt)
+        processor.apply_chat_template(build_messages(img, p), tokenize=False,
+                                      add_generation_prompt=add_generation_prompt)
         for img, p in zip(images, prompts)
     ]
     return processor(text=texts, images=list(images), return_tensors="pt", padding=True, padding_side="left")
@@ -206,7 +214,8 @@ def pool_hidden(hidden, attention_mask, pooling: str):
         positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
         idx = (positions * mask.long()).argmax(1)
         return h[torch.arange(h.shape[0], device=h.device), idx]
-    raise InputError(f"unknown pooling {pooling!r} (fix: one of {', '.join(POOLINGS)}; never token 0)")
+    raise InputError(located(None, "router.pooling", f"unknown pooling {pooling!r}",
+                             fix=f"one of {', '.join(POOLINGS)}; never token 0"))
 
 
 def inner_vl_model(model):
@@ -216,7 +225,8 @@ def inner_vl_model(model):
         m = m.get_base_model()
     inner = getattr(m, "model", None)
     if inner is None or not hasattr(inner, "language_model"):
-        raise ModelLoadError(f"{type(model).__name__} is not a Qwen3-VL model (fix: load a Qwen3-VL checkpoint)")
+        raise ModelLoadError(located(None, "base_model", f"{type(model).__name__} is not a Qwen3-VL model",
+                                     fix="load a Qwen3-VL checkpoint"))
     return inner
 
 
@@ -234,11 +244,22 @@ def encode_pooled(model, batch, *, layer: int = -1, pooling: str = "mean"):
         out = inner(**kwargs, output_hidden_states=True, use_cache=False, return_dict=True)
     hs = out.hidden_states
     if not -len(hs) <= layer < len(hs):
-        raise InputError(
-            f"router.layer={layer} is out of range for a model with {len(hs) - 1} layers "
-            f"(fix: use -1..-{len(hs)} or 0..{len(hs) - 1})"
+        raise InputError(located(
+            None, "router.layer", f"{layer} is out of range for a model with {len(hs) - 1} layers",
+            fix=f"use -1..-{len(hs)} or 0..{len(hs) - 1}")
         )
     return pool_hidden(hs[layer], kwargs["attention_mask"], pooling).cpu()
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What a router records about the encoder its features came from (no model needed)."""
+
+    base_model: str
+    pooling: str
+    layer: int
+    hidden_size: int
+    fingerprint: str
 
 
 @dataclass
@@ -254,7 +275,8 @@ class Encoder:
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
-            raise InputError(f"unknown pooling {self.pooling!r} (fix: one of {', '.join(POOLINGS)})")
+            raise InputError(located(None, "router.pooling", f"unknown pooling {self.pooling!r}",
+                                     fix=f"one of {', '.join(POOLINGS)}"))
         self._lock = threading.Lock()
 
     @classmethod
@@ -286,6 +308,10 @@ class Encoder:
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def info(self) -> EncoderInfo:
+        return EncoderInfo(base_model=self.base_model, pooling=self.pooling, layer=self.layer,
+                           hidden_size=self.hidden_size, fingerprint=self.fingerprint())
 
     def prepare(self, images: Sequence, prompts: Sequence[str]):
         """CPU-only stage: chat template + processor (safe to run in worker processes)."""

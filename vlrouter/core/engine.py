@@ -37,43 +37,26 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
-import os
-import re
 import threading
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import pluggy
 
 from vlrouter.core.actions import UIAction
-from vlrouter.core.encoder import (
-    build_inputs,
-    encode_pooled,
-    inner_vl_model,
-    load_base_model,
-    load_processor,
-)
-from vlrouter.core.errors import (
-    InputError,
-    LowConfidenceError,
-    ModelLoadError,
-    RegistryError,
-    StaleRouterError,
-    located,
-)
-from vlrouter.core.head import META_FILE, RouterMeta, check_compatible, load_router
+from vlrouter.core.encoder import build_inputs, encode_pooled, inner_vl_model, load_base_model, load_processor
+from vlrouter.core.errors import InputError, LowConfidenceError, RegistryError, StaleRouterError, located
 from vlrouter.core.images import open_image
+from vlrouter.core.lora import AdapterSource, check_adapter_checkpoint, load_adapters, vision_adapters
+from vlrouter.core.registry import Registry
+from vlrouter.core.store import META_FILE, RouterMeta, check_router_for, load_router
+from vlrouter.plugins.manager import get_plugin_manager, parse_action
 
-if TYPE_CHECKING:
-    import pluggy
-
-    from vlrouter.core.registry import Registry
-
-__all__ = ["BASE", "Action", "AdapterSource", "Engine", "Route", "load_adapters", "vision_adapters"]
+__all__ = ["BASE", "Action", "Engine", "Route"]
 
 BASE = "base"  # Action.adapter when the base model (no adapter) generated the text
 PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
@@ -134,143 +117,6 @@ class Action:
         }
 
 
-# ---- loading adapters into one PeftModel -------------------------------------------------
-
-@dataclass(frozen=True)
-class AdapterSource:
-    """One PEFT checkpoint to load: its name, folder, and where it was declared (for errors)."""
-
-    name: str
-    path: Path
-    file: str | Path | None = None  # e.g. registry.yaml
-    field: str | None = None  # e.g. adapters[1].checkpoint
-    line: int | None = None
-
-    def err(self, problem: str, fix: str) -> ModelLoadError:
-        return ModelLoadError(located(self.file, self.field, problem, fix=fix, line=self.line))
-
-
-def _model_basename(name: str) -> str:
-    """``Qwen/Qwen3-VL-8B-Instruct``, ``/models/Qwen3-VL-8B-Instruct/`` and a hub-cache snapshot
-    ``.../models--Qwen--Qwen3-VL-8B-Instruct/snapshots/<sha>`` all give ``qwen3-vl-8b-instruct``."""
-    s = str(name).strip().rstrip("/\\")
-    m = re.search(r"models--[^/\\]+--([^/\\]+)[/\\]snapshots[/\\][^/\\]+$", s)
-    if m:
-        return m.group(1).lower()
-    return re.split(r"[/\\]", s)[-1].lower()
-
-
-def check_adapter_checkpoint(src: AdapterSource, base_model_names: Sequence[str] = ()) -> dict[str, Any]:
-    """Refuse, before loading anything, a checkpoint that is missing or made for another base model.
-
-    The base-model check is deliberately loose: it compares only the *basename* of
-    ``adapter_config.json``'s ``base_model_name_or_path`` with the basenames of the
-    registry's ``base_model`` (as written and as resolved), lowercased, and only when
-    both are set. So ``Qwen/Qwen3-VL-8B-Instruct``, a local ``.../Qwen3-VL-8B-Instruct``
-    folder and a hub-cache snapshot of it all match, while an adapter trained on
-    ``Qwen3-VL-2B-Instruct`` is refused. A real mismatch of shapes is caught anyway
-    when the weights load (see :func:`load_adapters`).
-    """
-    p = src.path
-    if not p.exists():
-        raise src.err(f"checkpoint folder for adapter {src.name!r} not found: {p}",
-                      fix="train the adapter or fix the path (it resolves against the registry's folder)")
-    cfg_path = p / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise src.err(f"checkpoint for adapter {src.name!r} is not a PEFT adapter folder "
-                      f"(no adapter_config.json): {p}", fix="point at the folder `save_pretrained` wrote")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-        if not isinstance(cfg, dict):
-            raise TypeError("top level is not an object")
-    except (ValueError, TypeError, UnicodeDecodeError) as e:
-        raise src.err(f"adapter {src.name!r}: {cfg_path} is not valid JSON ({e})",
-                      fix="re-save the adapter with peft's save_pretrained") from None
-    if not any(f.is_file() for f in (p / "adapter_model.safetensors", p / "adapter_model.bin")):
-        raise src.err(f"checkpoint for adapter {src.name!r} has no adapter_model.safetensors: {p}",
-                      fix="re-save the adapter with peft's save_pretrained")
-    made_for = cfg.get("base_model_name_or_path")
-    names = [n for n in base_model_names if n]
-    if made_for and names and _model_basename(made_for) not in {_model_basename(n) for n in names}:
-        raise src.err(f"adapter {src.name!r} ({p}) was made for base model {made_for!r}, but the registry's "
-                      f"base_model is {names[0]!r}",
-                      fix=f"use an adapter trained on {names[0]!r}, or, if {made_for!r} is the same weights under "
-                          "another name, load with check_base_model=False")
-    return cfg
-
-
-def _same_base_model(recorded: str, reg: Registry) -> bool:
-    """router.json's ``base_model`` names the registry's base model: as written in registry.yaml,
-    or -- for a local folder -- resolved against the registry's folder (relative or absolute)."""
-    if recorded in (reg.model.base_model, reg.base_model):
-        return True
-    local = reg.resolve(reg.model.base_model)
-    rec = Path(recorded).expanduser()
-    if not rec.is_absolute():
-        rec = reg.resolve(recorded)
-    return local.exists() and rec.exists() and os.path.realpath(rec) == os.path.realpath(local)
-
-
-def load_adapters(base, sources: Sequence[AdapterSource]):
-    """Wrap ``base`` (modified in place) in ONE ``PeftModel`` holding every adapter by name.
-
-    Errors name the adapter and its checkpoint folder: a shape mismatch (a LoRA made
-    for a model with another hidden size), target modules the base does not have, or
-    weights missing from the checkpoint.
-    """
-    from peft import PeftModel
-
-    if not sources:
-        raise InputError("no adapters to load (fix: register one with `router add-adapter NAME`)")
-    device = str(next(base.parameters()).device)
-    model = None
-    for src in sources:
-        fix = "use an adapter trained for this base model (or retrain it on it)"
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                if model is None:
-                    model = PeftModel.from_pretrained(base, str(src.path), adapter_name=src.name, is_trainable=False)
-                    missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
-                else:
-                    result = model.load_adapter(str(src.path), adapter_name=src.name, is_trainable=False,
-                                                torch_device=device)
-                    missing = list(result.missing_keys)
-            except RuntimeError as e:  # size mismatch from load_state_dict
-                first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
-                raise src.err(f"adapter {src.name!r} ({src.path}) does not fit the base model: {first}", fix=fix) \
-                    from None
-            except (ValueError, KeyError, TypeError, OSError) as e:
-                raise src.err(f"adapter {src.name!r} ({src.path}) cannot be loaded: {type(e).__name__}: {e}",
-                              fix=fix) from None
-        for w in caught:  # keep peft's other warnings visible, except library-internal deprecations
-            if "missing adapter keys" not in str(w.message) and not issubclass(w.category, (FutureWarning,
-                                                                                           DeprecationWarning)):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if missing:
-            raise src.err(f"adapter {src.name!r} ({src.path}) lacks weights for modules the config targets: "
-                          f"{str(missing[0])[:200]}", fix="re-save the adapter with peft's save_pretrained")
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def adapters_in(module) -> set[str]:
-    """Names of the PEFT adapters that have weights somewhere inside ``module``."""
-    found: set[str] = set()
-    for m in module.modules():
-        for attr in getattr(m, "adapter_layer_names", ()):
-            v = getattr(m, attr, None)
-            if hasattr(v, "keys"):
-                found |= set(v.keys())
-    return found
-
-
-def vision_adapters(model) -> set[str]:
-    """Adapters with weights in the vision tower (their image features differ from the base's)."""
-    return adapters_in(inner_vl_model(model).visual)
-
-
 # ---- the engine -------------------------------------------------------------------------
 
 class Engine:
@@ -286,35 +132,35 @@ class Engine:
         import torch
 
         if not hasattr(model, "peft_config") or not hasattr(model, "disable_adapter"):
-            raise InputError(f"Engine needs a PeftModel holding the adapters, got {type(model).__name__} "
-                             "(fix: build it with vlrouter.core.engine.load_adapters or Engine.from_registry)")
+            raise InputError(located(None, "model", f"Engine needs a PeftModel holding the adapters, got "
+                                     f"{type(model).__name__}",
+                                     fix="build it with vlrouter.core.lora.load_adapters or Engine.from_registry"))
         missing = [n for n in meta.adapters if n not in model.peft_config]
         if missing:
-            raise InputError(f"the router's adapters {missing} are not loaded in the model (loaded: "
-                             f"{list(model.peft_config)}) (fix: load every adapter named in router.json)")
+            raise InputError(located(None, "model", f"the router's adapters {missing} are not loaded in the model "
+                                     f"(loaded: {list(model.peft_config)})",
+                                     fix="load every adapter named in router.json"))
         if fallback not in FALLBACKS and fallback not in meta.adapters:
-            raise InputError(f"fallback {fallback!r} is not 'base', 'error' or an adapter of the router "
-                             f"({', '.join(meta.adapters)})")
+            raise InputError(located(None, "fallback", f"{fallback!r} is not 'base', 'error' or an adapter of the "
+                                     f"router ({', '.join(meta.adapters)})", fix="pass one of those"))
         if not 0.0 <= float(min_confidence) <= 1.0:
-            raise InputError(f"min_confidence {min_confidence} is outside [0, 1]")
+            raise InputError(located(None, "min_confidence", f"{min_confidence} is outside [0, 1]",
+                                     fix="pass a probability between 0 and 1"))
         hidden = int(model.get_base_model().config.text_config.hidden_size)
         if meta.hidden_size != hidden:
             raise StaleRouterError(located("router.json", "hidden_size", f"stale router: trained on features of size "
                                            f"{meta.hidden_size}, the base model's hidden size is {hidden}",
                                            fix="run `router retrain`"))
         if meta.temperature <= 0:
-            raise InputError(f"router.json temperature {meta.temperature} must be > 0 (fix: `router retrain`)")
+            raise InputError(located(META_FILE, "temperature", f"{meta.temperature} must be > 0",
+                                     fix="run `router retrain`"))
         self.model = model
         self.processor = processor
         self.head = head.to("cpu").float().eval()
         self.meta = meta
         self.min_confidence = float(min_confidence)
         self.fallback = fallback
-        if plugin_manager is None:
-            from vlrouter.plugins.manager import get_plugin_manager
-
-            plugin_manager = get_plugin_manager()
-        self.plugin_manager = plugin_manager
+        self.plugin_manager = plugin_manager if plugin_manager is not None else get_plugin_manager()
         self._inner = inner_vl_model(model)
         self.vision_adapters: frozenset[str] = frozenset(vision_adapters(model))
         self.device = next(model.parameters()).device
@@ -335,19 +181,16 @@ class Engine:
         registry field -- all before the base model is loaded where possible.
         ``dtype`` defaults to registry ``router.dtype``.
         """
-        from vlrouter.core.registry import Registry, _line_of
-
         reg = path if isinstance(path, Registry) else Registry.load(path)
         m = reg.model
         if not m.adapters:
             raise RegistryError(located(reg.path, "adapters", "no adapters registered",
                                         fix="add one with `router add-adapter NAME`"))
         head, meta = load_router(reg.router_dir)
-        check_compatible(meta, adapters=reg.adapter_names, base_model=None if _same_base_model(meta.base_model, reg) else m.base_model,
-                         pooling=m.router.pooling, layer=m.router.layer, where=reg.router_dir / META_FILE)
+        check_router_for(meta, reg)
         sources = [
             AdapterSource(a.name, reg.resolve(a.checkpoint), reg.path, f"adapters[{i}].checkpoint",
-                          _line_of(reg._doc, ("adapters", i, "checkpoint")))
+                          reg.line_of(("adapters", i, "checkpoint")))
             for i, a in enumerate(m.adapters)
         ]
         for src in sources:
@@ -362,8 +205,6 @@ class Engine:
                                            f"{m.base_model!r} has hidden size {hidden}", fix="run `router retrain`"))
         model = load_adapters(base, sources)
         if plugin_manager is None:
-            from vlrouter.plugins.manager import get_plugin_manager
-
             plugin_manager = get_plugin_manager(reg)
         return cls(model, processor, head, meta, plugin_manager=plugin_manager,
                    min_confidence=m.router.min_confidence, fallback=m.router.fallback)
@@ -382,12 +223,13 @@ class Engine:
     # ---- preprocessing ------------------------------------------------------------------
     def _prepare(self, items: Sequence[tuple[Any, str]]):
         if not items:
-            raise InputError("no (image, prompt) items given (fix: pass at least one)")
+            raise InputError(located(None, "items", "no (image, prompt) items given", fix="pass at least one"))
         images, prompts = [], []
         for i, (image, prompt) in enumerate(items):
             label = f"item {i}: " if len(items) > 1 else ""
             if not isinstance(prompt, str) or not prompt.strip():
-                raise InputError(f"{label}prompt is empty (fix: pass the instruction text, e.g. 'Click March 29')")
+                raise InputError(located(None, label.rstrip(": ") or None, "prompt is empty",
+                                         fix="pass the instruction text, e.g. 'Click March 29'"))
             where = None if isinstance(image, (str, Path)) or len(items) == 1 else f"item {i} image"
             images.append(open_image(image, where=where))
             prompts.append(prompt)
@@ -416,7 +258,8 @@ class Engine:
     def embed(self, images: Sequence, prompts: Sequence[str]):
         """The router's input features for a batch (fp32 ``[B, H]`` on CPU), base model, adapters off."""
         if len(images) != len(prompts):
-            raise InputError(f"got {len(images)} images for {len(prompts)} prompts")
+            raise InputError(located(None, "images", f"got {len(images)} images for {len(prompts)} prompts",
+                                     fix="pass one image per prompt"))
         batch = self._prepare(list(zip(images, prompts)))
         with self._lock:
             return self._features(batch)
@@ -437,10 +280,11 @@ class Engine:
             return route.adapter
         if self.fallback == "error":
             item = f"item {index}: " if index is not None else ""
-            raise LowConfidenceError(
-                f"{item}router confidence {route.confidence:.3f} for {route.adapter!r} is below router.min_confidence="
-                f"{self.min_confidence} and router.fallback is 'error' (fix: lower router.min_confidence, set "
-                "router.fallback to base or an adapter, or add training data and `router retrain`)")
+            raise LowConfidenceError(located(
+                None, "router.fallback", f"{item}router confidence {route.confidence:.3f} for {route.adapter!r} is "
+                f"below router.min_confidence={self.min_confidence} and router.fallback is 'error'",
+                fix="lower router.min_confidence, set router.fallback to base or an adapter, or add training data "
+                    "and `router retrain`"))
         return self.fallback  # "base" or an adapter name
 
     @contextmanager
@@ -462,7 +306,8 @@ class Engine:
             if state["enabled"]:
                 for pv, grid, out in state["entries"]:
                     if pv is pixel_values and (grid is image_grid_thw or (
-                            grid is not None and image_grid_thw is not None and self._torch.equal(grid, image_grid_thw))):
+                            grid is not None and image_grid_thw is not None
+                            and self._torch.equal(grid, image_grid_thw))):
                         return _copy_output(out)
             out = original(pixel_values, image_grid_thw, **kwargs)
             state["vision_calls"] += 1
@@ -482,10 +327,11 @@ class Engine:
 
     def _generation_kwargs(self, max_new_tokens: int, generate_kwargs: dict) -> dict:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+            raise InputError(located(None, "max_new_tokens", f"max_new_tokens must be a positive integer, got "
+                                     f"{max_new_tokens!r}", fix="pass e.g. max_new_tokens=64"))
         for k in ("adapter_names", "input_ids", "pixel_values", "attention_mask"):
             if k in generate_kwargs:
-                raise InputError(f"generate argument {k!r} is set by the engine (fix: drop it)")
+                raise InputError(located(None, k, "this generate argument is set by the engine", fix="drop it"))
         kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": False}
         gc = self.base_model.generation_config
         if gc.pad_token_id is None:
@@ -513,8 +359,6 @@ class Engine:
             return self.processor.batch_decode(new, skip_special_tokens=True)
 
     def _parse(self, adapter: str, text: str) -> UIAction | None:
-        from vlrouter.plugins.manager import parse_action
-
         return parse_action(self.plugin_manager, adapter, text)
 
     def act(self, image, prompt: str, max_new_tokens: int = 64, **generate_kwargs) -> Action:

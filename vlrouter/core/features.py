@@ -41,14 +41,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlrouter.core.atomic import atomic_target
+from vlrouter.core.encoder import Encoder, build_inputs, load_processor
 from vlrouter.core.errors import ImageError, InputError, TrainingError, located
+from vlrouter.core.images import image_digest, open_image
 from vlrouter.core.progress import Progress, progress_or_null
 
 if TYPE_CHECKING:
     import torch
 
     from vlrouter.core.data import Sample
-    from vlrouter.core.encoder import Encoder
 
 FEATURE_TENSOR = "feature"
 SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
@@ -116,8 +117,6 @@ _PROCESSORS: dict[tuple[str, str | None], Any] = {}
 def _processor_for(base_model: str, revision: str | None = None):
     key = (base_model, revision)
     if key not in _PROCESSORS:
-        from vlrouter.core.encoder import load_processor
-
         _PROCESSORS[key] = load_processor(base_model, revision=revision)
     return _PROCESSORS[key]
 
@@ -138,19 +137,15 @@ def _worker_init(base_model: str, revision: str | None) -> None:
 
 
 def _open(sample: Sample):
-    from vlrouter.core.images import open_image
-
     try:
         return open_image(sample.image, where=f"{sample.source} image")
     except ImageError as e:
-        raise ImageError(f"{e} (the image changed since the routing dataset was built; "
-                         "fix: restore it, or run `router build-dataset` again to skip it)") from None
+        raise ImageError(located(None, None, f"{e}; the image changed since the routing dataset was built",
+                                 fix="restore it, or run `router build-dataset` again to skip it")) from None
 
 
 def digest_shard(samples: Sequence[Sample]) -> list[str]:
     """Pixel digests (:func:`vlrouter.core.images.image_digest`) of each sample's image."""
-    from vlrouter.core.images import image_digest
-
     return [image_digest(_open(s)) for s in samples]
 
 
@@ -161,8 +156,6 @@ def prepare_shard(base_model: str, samples: Sequence[Sample], *, revision: str |
     Loads the processor for ``base_model`` once per process (or uses ``processor``).
     :func:`collate` turns any list of these into a model batch.
     """
-    from vlrouter.core.encoder import build_inputs
-
     proc = processor if processor is not None else _processor_for(base_model, revision)
     out = []
     for s in samples:
@@ -179,7 +172,7 @@ def collate(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict
     import torch
 
     if not items:
-        raise InputError("collate: no items")
+        raise InputError(located(None, "collate", "no items", fix="pass at least one prepared sample"))
     longest = max(int(it["input_ids"].shape[1]) for it in items)
     out: dict[str, torch.Tensor] = {}
     for key in items[0]:
@@ -204,7 +197,8 @@ def embed_prepared_items(encoder: Encoder, cache: FeatureCache, keys: Sequence[s
     """GPU stage: forward per-sample items from :func:`prepare_shard` (made in any process or
     container) ``batch_size`` at a time, store each feature under its key; return them in order."""
     if len(keys) != len(items):
-        raise InputError(f"{len(keys)} keys for {len(items)} prepared items")
+        raise InputError(located(None, "keys", f"{len(keys)} keys for {len(items)} prepared items",
+                                 fix="pass one cache key per prepared item"))
     pad_id = encoder.processor.tokenizer.pad_token_id or 0
     out: list[torch.Tensor] = []
     for start in range(0, len(items), batch_size):
@@ -282,14 +276,15 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
     import torch
 
     if batch_size < 1 or workers < 1:
-        raise InputError(f"batch_size and workers must be >= 1 (got {batch_size}, {workers})")
+        raise InputError(located(None, "batch_size/workers", f"must be >= 1 (got {batch_size}, {workers})",
+                                 fix="train.embed_batch_size and train.workers are at least 1"))
     t0 = time.perf_counter()
     fp = encoder.fingerprint()
     if not isinstance(cache, FeatureCache):
         cache = FeatureCache(cache, fp)
     elif cache.encoder_fp != fp:
-        raise InputError(f"feature cache {cache.dir} belongs to encoder {cache.encoder_fp}, not {fp} "
-                         "(fix: FeatureCache(root, encoder.fingerprint()))")
+        raise InputError(located(cache.dir, None, f"this feature cache belongs to encoder {cache.encoder_fp}, not {fp}",
+                                 fix="FeatureCache(root, encoder.fingerprint())"))
     prog = progress_or_null(progress)
     samples = list(samples)
     pool: ProcessPoolExecutor | None = None
@@ -333,9 +328,9 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
                     have.update(zip((k for k, _ in part), feats))
                     t.advance(len(part))
     except BrokenProcessPool as e:
-        raise TrainingError(f"a feature worker process died ({e}); entries embedded so far are kept "
-                            "(fix: run again with train.workers: 1; in your own script, call this under "
-                            "`if __name__ == '__main__':`, which spawned workers need)") from None
+        raise TrainingError(located(None, "train.workers", f"a feature worker process died ({e}); entries embedded "
+                                    "so far are kept", fix="run again with train.workers: 1; in your own script, call "
+                                    "this under `if __name__ == '__main__':`, which spawned workers need")) from None
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

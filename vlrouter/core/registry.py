@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import io
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -104,7 +105,8 @@ class RegistryModel(_Strict):
         seen: dict[str, int] = {}
         for i, a in enumerate(self.adapters):
             if a.name in seen:
-                raise ValueError(f"adapters[{i}].name: duplicate adapter name {a.name!r} (also adapters[{seen[a.name]}])")
+                raise ValueError(f"adapters[{i}].name: duplicate adapter name {a.name!r} "
+                                 f"(also adapters[{seen[a.name]}])")
             seen[a.name] = i
         fb = self.router.fallback
         if fb not in ("base", "error") and fb not in seen:
@@ -178,11 +180,14 @@ def _fix_for(err: dict, loc: tuple) -> str:
 class Registry:
     """A loaded registry.yaml: validated model + the round-trip document for edits."""
 
-    def __init__(self, path: Path, model: RegistryModel, doc: CommentedMap, raw: bytes | None = None):
+    def __init__(self, path: Path, model: RegistryModel, doc: CommentedMap, raw: bytes | None = None,
+                 origin: bytes | None = None):
         self.path = path
         self.model = model
         self._doc = doc
         self._raw = raw
+        # The file's bytes when it was read: an edit is saved only if the file still holds them.
+        self._origin = raw if origin is None else origin
 
     # ---- loading ----------------------------------------------------------------------
     @classmethod
@@ -324,8 +329,13 @@ class Registry:
             if checkpoints:
                 ck = self.resolve(a.checkpoint)
                 if not (ck / "adapter_config.json").is_file():
-                    raise self._err(("adapters", i, "checkpoint"), f"checkpoint for {a.name!r} is not a PEFT adapter folder: {ck}",
+                    raise self._err(("adapters", i, "checkpoint"),
+                                    f"checkpoint for {a.name!r} is not a PEFT adapter folder: {ck}",
                             fix="point at a folder with adapter_config.json")
+
+    def line_of(self, loc: tuple) -> int | None:
+        """1-based line in registry.yaml of the field at ``loc`` (e.g. ``("adapters", 1, "checkpoint")``)."""
+        return _line_of(self._doc, loc)
 
     def _err(self, loc: tuple, problem: str, fix: str) -> RegistryError:
         """A RegistryError located at field ``loc`` (with its line when known)."""
@@ -335,7 +345,8 @@ class Registry:
     def add_adapter(self, entry: AdapterEntry) -> Registry:
         """A new Registry with ``entry`` appended (label = its position). Nothing is written."""
         if entry.name in self.adapter_names:
-            raise self._err(("adapters", self.index_of(entry.name), "name"), f"adapter {entry.name!r} is already registered "
+            raise self._err(("adapters", self.index_of(entry.name), "name"),
+                            f"adapter {entry.name!r} is already registered "
                                         f"(label {self.index_of(entry.name)})",
                             fix=f"`router remove-adapter {entry.name}` first, or choose another name")
         doc = _copy_doc(self._doc)
@@ -373,7 +384,7 @@ class Registry:
         text = dump_yaml(doc)
         new_doc = _yaml().load(text)
         model = self._validate(new_doc, self.path)
-        return Registry(self.path, model, new_doc, text.encode())
+        return Registry(self.path, model, new_doc, text.encode(), origin=self._origin)
 
     def to_text(self) -> str:
         return dump_yaml(self._doc)
@@ -383,6 +394,39 @@ class Registry:
         target = Path(path) if path is not None else self.path
         atomic_write_bytes(target, self.to_text().encode("utf-8"))
         return target
+
+    def save_if_unchanged(self, *, retrained: bool = False) -> Path:
+        """:meth:`save`, refused when the file on disk no longer holds the bytes this registry was read from.
+
+        ``retrained``: the router was already retrained for this edit (the message says so).
+        """
+        try:
+            now = self.path.read_bytes()
+        except OSError:
+            now = None
+        if self._origin is not None and now != self._origin:
+            after = (f"; the router retrained for {', '.join(self.adapter_names)} is already live, so it is stale "
+                     "against the file until you run the command again") if retrained else ""
+            raise RegistryError(located(self.path, None, f"the file changed on disk while this command ran; not "
+                                        f"overwriting it{after}", fix="run the command again"))
+        return self.save()
+
+    def relative_path(self, value: str) -> str:
+        """A path typed on the command line (relative to the cwd) as registry.yaml stores it.
+
+        registry.yaml's relative paths resolve against the registry's folder, so a relative
+        path is rewritten relative to that folder (unchanged when the registry sits in the
+        current directory). Absolute paths stay absolute.
+        """
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            return str(p)
+        absolute = Path(os.path.abspath(p))
+        root = Path(os.path.abspath(self.root))
+        try:
+            return absolute.relative_to(root).as_posix()
+        except ValueError:
+            return os.path.relpath(absolute, root)
 
 
 def _one_line(err: BaseException) -> str:

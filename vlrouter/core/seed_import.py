@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from vlrouter.core.errors import CheckpointError, InputError, located
+from vlrouter.core.head import HeadShape, build_head
 from vlrouter.core.registry import NAME_RE
+from vlrouter.core.store import RouterMeta, load_router, save_router
 
 SEED_POOLING = "token0"
 WARNING = ("imported from the seed's router-head.pt: the seed pooled hidden_states[-1][:, 0, :] (token 0), which is "
@@ -119,12 +121,11 @@ def import_seed_head(pt_path: str | Path, out_dir: str | Path, *, pooling: str, 
     """
     import torch
 
-    from vlrouter.core.head import HeadShape, RouterMeta, build_head, load_router, save_router
-
     src, out = Path(pt_path), Path(out_dir)
     if pooling not in ("mean", "last"):
-        raise InputError(f"pooling must be 'mean' or 'last', got {pooling!r} (fix: pass --pooling mean or "
-                         "--pooling last; the seed's token-0 pooling is not offered: it is constant)")
+        raise InputError(located(None, "--pooling", f"must be 'mean' or 'last', got {pooling!r}",
+                                 fix="pass --pooling mean or --pooling last; the seed's token-0 pooling is not "
+                                     "offered: it is constant"))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(located(out, None, "already exists and is not an empty folder; nothing was written",
                                  fix="choose a new --out folder"))
@@ -163,8 +164,8 @@ def import_seed_head(pt_path: str | Path, out_dir: str | Path, *, pooling: str, 
     adapters = [a.strip() for a in adapters]
     bad = [a for a in adapters if not NAME_RE.match(a)]
     if bad or len(set(adapters)) != len(adapters):
-        raise InputError(f"adapter names {adapters} must be distinct and match [a-z0-9][a-z0-9-]* "
-                         "(fix: pass --adapters with the registry's names, in label order)")
+        raise InputError(located(src, "adapters", f"adapter names {adapters} must be distinct and match "
+                                 "[a-z0-9][a-z0-9-]*", fix="pass --adapters with the registry's names, in label order"))
     if len(adapters) != num_labels:
         raise InputError(located(src, "adapters", f"{len(adapters)} adapter names for a head with {num_labels} "
                                  "outputs", fix="pass --adapters with one name per output, in label order"))

@@ -13,8 +13,12 @@ the same shape as the real checkpoint's (``processor_class: Qwen3VLProcessor``).
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from vlrouter.core.encoder import image_only_processor_class
+from vlrouter.core.errors import InputError, located
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -117,13 +121,10 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | str = "tiny") -> Path
     import torch
     from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    from vlrouter.core.encoder import ImageOnlyQwen3VLProcessor
-
     if isinstance(spec, str):
         if spec not in PRESETS:
-            from vlrouter.core.errors import InputError
-
-            raise InputError(f"unknown tiny-model preset {spec!r} (fix: one of {', '.join(PRESETS)})")
+            raise InputError(located(None, "preset", f"unknown tiny-model preset {spec!r}",
+                                     fix=f"one of {', '.join(PRESETS)}"))
         spec = PRESETS[spec]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +187,7 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | str = "tiny") -> Path
         merge_size=2,
         size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
     )
-    processor = ImageOnlyQwen3VLProcessor(
+    processor = image_only_processor_class()(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
     )
     processor.save_pretrained(out)
@@ -200,3 +201,20 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | str = "tiny") -> Path
             p.write_text(json.dumps(data, indent=2))
     (out / "vlrouter_tiny.json").write_text(json.dumps({"spec": asdict(spec)}, indent=2))
     return out
+
+
+def count_parameters(folder: str | Path) -> int:
+    """Sum of tensor sizes from the safetensors headers of a model folder (no torch import, no weights read)."""
+    total = 0
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            count = 1
+            for dim in info["shape"]:
+                count *= dim
+            total += count
+    return total

@@ -14,6 +14,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlrouter.core.encoder import build_inputs, build_messages, load_base_model, load_processor
+from vlrouter.core.images import open_image
 from vlrouter.core.progress import Progress, progress_or_null
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|lm_head"
@@ -43,8 +45,6 @@ def _read_pairs(dataset: Path) -> list[tuple[Path, str, str]]:
 def _batch_with_labels(processor, images, prompts, answers):
     """Prompt (chat template, generation prompt) + answer + <|im_end|>; loss on the answer only."""
     import torch
-
-    from vlrouter.core.encoder import build_messages
 
     eos = "<|im_end|>"
     texts = [
@@ -80,9 +80,6 @@ def train_demo_lora(
     """
     import torch
     from peft import LoraConfig, get_peft_model
-
-    from vlrouter.core.encoder import build_inputs, load_base_model, load_processor
-    from vlrouter.core.images import open_image
 
     progress = progress_or_null(progress)
     torch.manual_seed(seed)

@@ -16,11 +16,22 @@ Each step calls the same library function as the matching CLI command.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlrouter.core.atomic import atomic_write_bytes
+from vlrouter.core.engine import Engine
+from vlrouter.core.metrics import plot_confusion
+from vlrouter.core.options import resolve_options
 from vlrouter.core.progress import Progress, progress_or_null
+from vlrouter.core.recipe import edit_adapters, evaluate_router, run_retrain
+from vlrouter.core.registry import AdapterEntry, Registry, new_registry_text
+from vlrouter.core.tiny import build_tiny_model
+from vlrouter.demo.loras import train_demo_lora
+from vlrouter.demo.screens import TASKS, write_dataset, write_heldout
+from vlrouter.plugins.manager import get_backend, get_plugin_manager, new_adapter_entry, parse_action
 
 SEED_TASKS = ("calendar", "claim-window", "provider-select")
 EXTRA_TASK = "settings-toggle"
@@ -50,8 +61,6 @@ class DemoReport:
 
 
 def _write_registry(root: Path, base_model: str, cfg: DemoConfig) -> Path:
-    from vlrouter.core.registry import AdapterEntry, atomic_write_bytes, new_registry_text
-
     entries = [
         AdapterEntry(name=t, plugin=f"vlrouter.adapters.{t.replace('-', '_')}", dataset=f"data/{t}/train.jsonl",
                      checkpoint=f"checkpoints/{t}")
@@ -70,14 +79,6 @@ def _write_registry(root: Path, base_model: str, cfg: DemoConfig) -> Path:
 def run_demo(root: str | Path, cfg: DemoConfig | None = None, *, progress: Progress | None = None,
              on_step=None) -> DemoReport:
     """Run every step in ``root`` (created). ``on_step(name, report)`` is called after each."""
-    from vlrouter.core import train
-    from vlrouter.core.engine import Engine
-    from vlrouter.core.registry import AdapterEntry, Registry
-    from vlrouter.core.tiny import build_tiny_model
-    from vlrouter.demo.loras import train_demo_lora
-    from vlrouter.demo.screens import TASKS, write_dataset, write_heldout
-    from vlrouter.plugins.manager import get_plugin_manager, parse_action
-
     cfg = cfg or DemoConfig()
     progress = progress_or_null(progress)
     note = on_step or (lambda name, report: None)
@@ -98,7 +99,7 @@ def run_demo(root: str | Path, cfg: DemoConfig | None = None, *, progress: Progr
             build_tiny_model(root / "models" / "tiny-qwen3-vl", "demo")
             t.advance()
         base_model = "models/tiny-qwen3-vl"
-    base_path = str((root / base_model)) if (root / base_model).exists() else base_model
+    base_path = str(root / base_model) if (root / base_model).exists() else base_model
 
     pm = get_plugin_manager(entry_points=False)
     for task in TASKS:
@@ -111,20 +112,26 @@ def run_demo(root: str | Path, cfg: DemoConfig | None = None, *, progress: Progr
 
     reg_path = _write_registry(root, base_model, cfg)
     registry = Registry.load(reg_path)
-    report.retrain = train.run_retrain(registry, overrides={}, progress=progress)
+    options = resolve_options(registry)
+    backend = get_backend(get_plugin_manager(registry), options.backend)
+    report.retrain = run_retrain(registry, options, backend, progress=progress)  # router retrain
     note("retrain", report)
 
-    entry = AdapterEntry(name=EXTRA_TASK, dataset=f"data/{EXTRA_TASK}/train.jsonl",
-                         checkpoint=f"checkpoints/{EXTRA_TASK}")
-    new_registry = Registry.load(reg_path).add_adapter(entry)
+    # router add-adapter settings-toggle --dataset ... --checkpoint ... (the generic JSONL adapter)
+    registry = Registry.load(reg_path)
+    entry, _ = new_adapter_entry(registry, EXTRA_TASK,
+                                 dataset=os.path.relpath(root / "data" / EXTRA_TASK / "train.jsonl"),
+                                 checkpoint=os.path.relpath(root / "checkpoints" / EXTRA_TASK))
+    new_registry = registry.add_adapter(entry)
     new_registry.check_paths([EXTRA_TASK])
-    report.add_adapter = train.run_retrain(new_registry, overrides={}, progress=progress)
-    new_registry.save()
+    report.add_adapter = edit_adapters(new_registry, backend=backend, options=resolve_options(new_registry),
+                                       progress=progress)
     note("add-adapter", report)
 
-    report.eval = train.run_eval(Registry.load(reg_path), progress=progress)
-    report.confusion_png = train.plot_confusion(report.eval["metrics"], root / "confusion_matrix.png",
-                                                title="demo router, validation split")
+    registry = Registry.load(reg_path)
+    report.eval = evaluate_router(registry, resolve_options(registry), progress=progress)  # router eval
+    report.confusion_png = plot_confusion(report.eval["metrics"], root / "confusion_matrix.png",
+                                          title="demo router, validation split")
     note("eval", report)
 
     heldout = write_heldout(root / "heldout", cfg.heldout_per_task, seed=cfg.seed + 1000)

@@ -30,13 +30,13 @@ import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
 from PIL import Image, ImageDraw, ImageFont
 
-from vlrouter.core.errors import InputError
+from vlrouter.core.errors import InputError, located
 
 TASKS: tuple[str, ...] = ("calendar", "claim-window", "provider-select", "settings-toggle")
 
@@ -106,7 +106,7 @@ def _jitter(rng: random.Random, colour: RGB, amount: int = 6) -> RGB:
     return tuple(min(255, max(0, v + rng.randint(-amount, amount))) for v in colour)  # type: ignore[return-value]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """Pillow's bundled font at ``size`` px (its fixed-size bitmap font before Pillow 10.1)."""
     try:
@@ -115,7 +115,7 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cap_middle(size: int) -> float:
     """Distance from the text origin down to the middle of a capital letter."""
     _, top, _, bottom = _font(size).getbbox("H")
@@ -718,10 +718,7 @@ def _render_providers(rng: random.Random, w: int, h: int, generic: str | None) -
                    width=2)
     c.draw.line((field[0] + 16, sy + search_h / 2 + 2, field[0] + 20, sy + search_h / 2 + 6), fill=muted, width=2)
     c.text(field[0] + 26, sy + search_h / 2, query or "Search by name or specialty", 12, fg if query else muted)
-    if blue_search:
-        search_fill = BLUE
-    else:
-        search_fill = accent if rng.random() < 0.5 else _mix(surface, fg, 0.35)
+    search_fill = BLUE if blue_search else (accent if rng.random() < 0.5 else _mix(surface, fg, 0.35))
     c.button((w - 1 - margin - search_w, sy, w - 1 - margin, sy + search_h), "Search", 12, search_fill, WHITE,
              radius=4, key="search")
 
@@ -899,7 +896,7 @@ _RENDERERS: dict[str, Callable[[random.Random, int, int, str | None], _Scene]] =
 
 def _check_task(task: str) -> None:
     if task not in _RENDERERS:
-        raise InputError(f"unknown demo task {task!r} (fix: use one of {', '.join(TASKS)})")
+        raise InputError(located(None, "task", f"unknown demo task {task!r}", fix=f"use one of {', '.join(TASKS)}"))
 
 
 def render_sample(task: str, rng: random.Random, idx: int) -> Sample:
@@ -929,7 +926,7 @@ def write_dataset(task: str, out_dir: str | Path, n: int, seed: int = 0) -> Path
     """
     _check_task(task)
     if n < 1:
-        raise InputError(f"n must be at least 1, got {n}")
+        raise InputError(located(None, "n", f"must be at least 1, got {n}", fix="ask for one screenshot or more"))
     out = Path(out_dir)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -961,7 +958,8 @@ def write_heldout(out_dir: str | Path, n_per_task: int, seed: int) -> list[dict]
     task by task in :data:`TASKS` order.
     """
     if n_per_task < 1:
-        raise InputError(f"n_per_task must be at least 1, got {n_per_task}")
+        raise InputError(located(None, "n_per_task", f"must be at least 1, got {n_per_task}",
+                                 fix="ask for one screenshot per task or more"))
     images = Path(out_dir) / "images"
     images.mkdir(parents=True, exist_ok=True)
     rows = []

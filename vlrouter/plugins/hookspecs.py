@@ -21,14 +21,22 @@ a module with ``plugin:`` (that imports code: registry.yaml is trusted config).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import pluggy
+
+if TYPE_CHECKING:
+    from vlrouter.core.actions import UIAction
+    from vlrouter.core.recipe import Backend
+    from vlrouter.plugins.manager import AdapterSpec
 
 hookspec = pluggy.HookspecMarker("vlrouter")
 hookimpl = pluggy.HookimplMarker("vlrouter")
 
 
 @hookspec
-def register_adapters(register):
+def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
     """Declare adapters this plugin provides.
 
     Call ``register(AdapterSpec(...))`` once per adapter. ``AdapterSpec`` carries the
@@ -40,7 +48,7 @@ def register_adapters(register):
 
 
 @hookspec(firstresult=True)
-def parse_action(adapter, text):
+def parse_action(adapter: str, text: str) -> UIAction | None:
     """Turn the text generated with ``adapter`` active into a ``UIAction``.
 
     ``firstresult``: the first non-None answer wins, so return None for adapters you
@@ -50,10 +58,12 @@ def parse_action(adapter, text):
 
 
 @hookspec
-def register_backends(register):
-    """Declare training backends: ``register(name, backend)``.
+def register_backends(register: Callable[[str, Backend], None]) -> None:
+    """Declare training backends: ``register(name, fn)``.
 
-    ``backend`` is an object with ``retrain(request) -> RetrainResult`` (see
-    ``vlrouter.backends.base``). Built-ins: ``local`` (default) and ``modal``.
-    Selected by ``router retrain --backend NAME`` or ``train.backend`` in registry.yaml.
+    ``fn(request: RetrainRequest) -> Candidate`` builds the routing dataset, embeds what
+    is missing and fits a candidate router (see :mod:`vlrouter.core.recipe`); the eval
+    gate and promotion then run on the caller's side, the same for every backend.
+    Built-ins: ``local`` (default) and ``modal``. Selected by ``router retrain --backend
+    NAME`` or ``train.backend`` in registry.yaml.
     """

@@ -1,0 +1,26 @@
+"""Option resolution: defaults < registry.yaml < flags."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import make_registry
+from vlrouter.core.errors import InputError
+from vlrouter.core.options import resolve_options
+from vlrouter.core.registry import Registry, TrainSection
+
+BASE = "Qwen/Qwen3-VL-8B-Instruct"
+
+
+def test_options_resolve_defaults_then_registry_then_flags(tmp_path):
+    path = make_registry(tmp_path, BASE, ["calendar", "claim-window"], n=2, epochs=7, lr=0.5)
+    reg = Registry.load(path)
+    o = resolve_options(reg, {})
+    assert (o.epochs, o.lr, o.patience, o.base_model) == (7, 0.5, 8, BASE)  # registry over defaults
+    assert o.val_fraction == TrainSection().val_fraction  # default where the registry is silent
+    o = resolve_options(reg, {"epochs": 3, "lr": None, "base_model_id": "Qwen/Other", "train_samples": 9})
+    assert (o.epochs, o.lr, o.base_model, o.train_samples) == (3, 0.5, "Qwen/Other", 9)  # flags over registry
+    with pytest.raises(InputError, match="epoch: unknown training option; did you mean 'epochs'"):
+        resolve_options(reg, {"epoch": 3})
+    with pytest.raises(InputError, match="epochs"):
+        resolve_options(reg, {"epochs": 0})

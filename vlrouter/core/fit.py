@@ -1,0 +1,219 @@
+"""Train the router head on pooled features: tensors and options in, the best head out."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vlrouter.core.errors import TrainingError, located
+from vlrouter.core.head import HeadShape, build_head
+from vlrouter.core.progress import Progress, progress_or_null
+from vlrouter.core.registry import TrainSection
+
+if TYPE_CHECKING:
+    import torch
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one CPU thread inside the block.
+
+    Head training and calibration work on tiny tensors, where a step costs thread
+    synchronisation rather than FLOPs; one fixed thread is faster, and it keeps float
+    reductions -- and so the trained weights -- identical across machines.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def as_labels(y) -> torch.Tensor:
+    """Labels as a 1-D long tensor."""
+    import torch
+
+    return torch.as_tensor(y, dtype=torch.long).reshape(-1)
+
+
+def _check_inputs(x, y, vx, vy, num_labels: int | None, class_names: list[str] | None):
+    """Validate shapes and labels; return ``(k, names, class_weights or None)``."""
+    import torch
+
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise TrainingError(located(None, "train split", "no training features",
+                                    fix="the routing dataset's train split is empty: add samples"))
+    if vx.ndim != 2 or vx.shape[0] == 0:
+        raise TrainingError(located(None, "val split", "no validation features",
+                                    fix="the routing dataset's val split is empty: add samples"))
+    if x.shape[0] != y.shape[0] or vx.shape[0] != vy.shape[0] or x.shape[1] != vx.shape[1]:
+        raise TrainingError(located(None, "features", f"feature/label shapes disagree: train {tuple(x.shape)} / "
+                                    f"{tuple(y.shape)}, val {tuple(vx.shape)} / {tuple(vy.shape)}",
+                                    fix="rebuild the routing dataset with `router build-dataset`"))
+    k = num_labels or int(max(y.max(), vy.max())) + 1
+    names = class_names or [str(i) for i in range(k)]
+    if int(max(y.max(), vy.max())) >= k or int(min(y.min(), vy.min())) < 0:
+        raise TrainingError(located(None, "labels", f"labels must lie in 0..{k - 1}",
+                                    fix="rebuild the routing dataset with `router build-dataset`"))
+    if k < 2:
+        raise TrainingError(located(None, "labels", "a router needs at least two labels",
+                                    fix="register another adapter"))
+    counts = torch.bincount(y, minlength=k)
+    if (counts == 0).any():
+        empty = [names[i] for i in range(k) if counts[i] == 0]
+        raise TrainingError(located(None, "train split", f"no training samples for {', '.join(empty)}",
+                                    fix="add samples to its dataset"))
+    imbalanced = bool(counts.max() != counts.min())
+    return k, names, (counts.sum() / (k * counts.float())) if imbalanced else None
+
+
+@dataclass
+class _Run:
+    """One training run's mutable state: the head, its optimiser, and the best evaluation so far."""
+
+    head: Any
+    opt: Any
+    sched: Any
+    val_x: Any
+    val_y: Any
+    patience: int
+    writer: Any = None
+    step: int = 0
+    best_loss: float = math.inf
+    best_acc: float = 0.0
+    best_step: int = 0
+    since_best: int = 0
+    last_eval: int = -1
+    best_state: dict = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def snapshot(self) -> None:
+        self.best_state = {n: t.detach().clone() for n, t in self.head.state_dict().items()}
+
+    def evaluate(self) -> bool:
+        """Score the head on the validation split; keep it if best. True when patience ran out."""
+        import torch
+        from torch import nn
+
+        self.head.eval()
+        with torch.no_grad():
+            logits = self.head(self.val_x)
+            vloss = float(nn.functional.cross_entropy(logits, self.val_y))
+            vacc = float((logits.argmax(1) == self.val_y).float().mean())
+        self.head.train()
+        self.last_eval = self.step
+        lr_now = self.opt.param_groups[0]["lr"]
+        self.history.append({"step": self.step, "val_loss": vloss, "val_acc": vacc, "lr": lr_now})
+        if self.writer is not None:
+            self.writer.add_scalar("val/loss", vloss, self.step)
+            self.writer.add_scalar("val/acc", vacc, self.step)
+            self.writer.add_scalar("train/lr", lr_now, self.step)
+        self.sched.step(vloss)
+        if vloss < self.best_loss - 1e-7:
+            self.best_loss, self.best_acc, self.best_step, self.since_best = vloss, vacc, self.step, 0
+            self.snapshot()
+            return False
+        self.since_best += 1
+        return self.since_best >= self.patience
+
+
+def _fit(x, y, vx, vy, options: TrainSection, shape: HeadShape, weights, writer, prog,
+         steps_per_epoch: int) -> tuple[_Run, bool]:
+    """The training loop of :func:`train_head` (seeded, on a forked RNG). Returns the run and
+    whether it stopped early; the run's head holds the best evaluation's weights."""
+    import torch
+    from torch import nn
+
+    bs, epochs = options.batch_size, options.epochs
+    stopped_early = False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        head = build_head(shape)
+        head[0].fit(x)
+        gen = torch.Generator().manual_seed(options.seed)
+        loss_fn = nn.CrossEntropyLoss(weight=weights)  # no label smoothing: a handful of classes
+        opt = torch.optim.AdamW(head.parameters(), lr=options.lr)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5,
+                                                           patience=max(1, options.patience // 2))
+        run = _Run(head=head, opt=opt, sched=sched, val_x=vx, val_y=vy, patience=options.patience, writer=writer)
+        run.snapshot()
+        head.train()
+        with prog.task("training head", total=epochs * steps_per_epoch) as task:
+            for _epoch in range(epochs):
+                perm = torch.randperm(x.shape[0], generator=gen)
+                for i in range(0, x.shape[0], bs):
+                    idx = perm[i:i + bs]
+                    loss = loss_fn(head(x[idx]), y[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    run.step += 1
+                    task.advance()
+                    if writer is not None:
+                        writer.add_scalar("train/loss", loss.item(), run.step)
+                    if run.step % options.eval_every == 0 and run.evaluate():
+                        stopped_early = True
+                        break
+                if stopped_early:
+                    break
+            if run.last_eval != run.step:
+                run.evaluate()
+    head.load_state_dict(run.best_state)
+    head.eval()
+    return run, stopped_early
+
+
+def train_head(train_feats: torch.Tensor, train_labels, val_feats: torch.Tensor, val_labels,
+               options: TrainSection, progress: Progress | None = None, *, num_labels: int | None = None,
+               class_names: list[str] | None = None, log_dir: str | Path | None = None) -> tuple[Any, dict[str, Any]]:
+    """Train the router head (fp32) on pooled features; return ``(head, stats)``.
+
+    AdamW; ReduceLROnPlateau on validation loss; evaluation every ``eval_every`` steps
+    (and after the last step); early stopping after ``patience`` evaluations without a
+    lower validation loss; at most ``epochs`` epochs; no label smoothing; inverse-
+    frequency class weights when the training classes are imbalanced. The weights of
+    the best evaluation are returned. Seeded by ``options.seed`` without touching the
+    global RNG: the same features and seed give identical weights on CPU. With
+    ``log_dir``, TensorBoard scalars go there. Runs on the CPU with one thread
+    (:func:`one_thread`).
+    """
+    prog = progress_or_null(progress)
+    x, y = train_feats.float(), as_labels(train_labels)
+    vx, vy = val_feats.float(), as_labels(val_labels)
+    k, _names, weights = _check_inputs(x, y, vx, vy, num_labels, class_names)
+    bs = options.batch_size
+    steps_per_epoch = math.ceil(x.shape[0] / bs)
+    hidden = options.head_hidden if options.head == "mlp" else 0
+    shape = HeadShape(kind=options.head, in_dim=int(x.shape[1]), hidden=hidden, num_labels=k)
+    writer = None
+    if log_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(log_dir))
+    t0 = time.perf_counter()
+    try:
+        with one_thread():
+            run, stopped_early = _fit(x, y, vx, vy, options, shape, weights, writer, prog, steps_per_epoch)
+    finally:
+        if writer is not None:
+            writer.flush()
+            writer.close()
+    seconds = time.perf_counter() - t0
+    stats = {
+        "best_loss": run.best_loss, "best_acc": run.best_acc, "best_step": run.best_step, "steps": run.step,
+        "epochs_run": round(run.step / steps_per_epoch, 2), "stopped_early": stopped_early,
+        "class_weights": [round(float(w), 4) for w in weights] if weights is not None else None,
+        "n_train": int(x.shape[0]), "n_val": int(vx.shape[0]), "seconds": round(seconds, 3),
+        "samples_per_s": round(run.step * bs / max(seconds, 1e-9), 1), "history": run.history,
+    }
+    prog.log(f"head: best val loss {run.best_loss:.4f}, val acc {run.best_acc:.3f} at step {run.best_step} of "
+             f"{run.step}" + (" (early stop)" if stopped_early else ""))
+    return run.head, stats

@@ -1,0 +1,144 @@
+"""LoRA adapters in one PeftModel: checkpoint checks, loading every adapter beside one base, which touch vision.
+
+Each registry adapter's PEFT checkpoint is loaded into ONE ``PeftModel`` under its
+adapter name: LoRA adds small A/B matrices beside the frozen base weights, which exist
+once. Errors name the adapter, its folder and the registry field it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlrouter.core.encoder import inner_vl_model
+from vlrouter.core.errors import InputError, ModelLoadError, located
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """One PEFT checkpoint to load: its name, folder, and where it was declared (for errors)."""
+
+    name: str
+    path: Path
+    file: str | Path | None = None  # e.g. registry.yaml
+    field: str | None = None  # e.g. adapters[1].checkpoint
+    line: int | None = None
+
+    def err(self, problem: str, fix: str) -> ModelLoadError:
+        return ModelLoadError(located(self.file, self.field, problem, fix=fix, line=self.line))
+
+
+def _model_basename(name: str) -> str:
+    """``Qwen/Qwen3-VL-8B-Instruct``, ``/models/Qwen3-VL-8B-Instruct/`` and a hub-cache snapshot
+    ``.../models--Qwen--Qwen3-VL-8B-Instruct/snapshots/<sha>`` all give ``qwen3-vl-8b-instruct``."""
+    s = str(name).strip().rstrip("/\\")
+    m = re.search(r"models--[^/\\]+--([^/\\]+)[/\\]snapshots[/\\][^/\\]+$", s)
+    if m:
+        return m.group(1).lower()
+    return re.split(r"[/\\]", s)[-1].lower()
+
+
+def check_adapter_checkpoint(src: AdapterSource, base_model_names: Sequence[str] = ()) -> dict[str, Any]:
+    """Refuse, before loading anything, a checkpoint that is missing or made for another base model.
+
+    The base-model check is deliberately loose: it compares only the *basename* of
+    ``adapter_config.json``'s ``base_model_name_or_path`` with the basenames of the
+    registry's ``base_model`` (as written and as resolved), lowercased, and only when
+    both are set. So ``Qwen/Qwen3-VL-8B-Instruct``, a local ``.../Qwen3-VL-8B-Instruct``
+    folder and a hub-cache snapshot of it all match, while an adapter trained on
+    ``Qwen3-VL-2B-Instruct`` is refused. A real mismatch of shapes is caught anyway
+    when the weights load (see :func:`load_adapters`).
+    """
+    p = src.path
+    if not p.exists():
+        raise src.err(f"checkpoint folder for adapter {src.name!r} not found: {p}",
+                      fix="train the adapter or fix the path (it resolves against the registry's folder)")
+    cfg_path = p / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise src.err(f"checkpoint for adapter {src.name!r} is not a PEFT adapter folder "
+                      f"(no adapter_config.json): {p}", fix="point at the folder `save_pretrained` wrote")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        if not isinstance(cfg, dict):
+            raise TypeError("top level is not an object")
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise src.err(f"adapter {src.name!r}: {cfg_path} is not valid JSON ({e})",
+                      fix="re-save the adapter with peft's save_pretrained") from None
+    if not any(f.is_file() for f in (p / "adapter_model.safetensors", p / "adapter_model.bin")):
+        raise src.err(f"checkpoint for adapter {src.name!r} has no adapter_model.safetensors: {p}",
+                      fix="re-save the adapter with peft's save_pretrained")
+    made_for = cfg.get("base_model_name_or_path")
+    names = [n for n in base_model_names if n]
+    if made_for and names and _model_basename(made_for) not in {_model_basename(n) for n in names}:
+        raise src.err(f"adapter {src.name!r} ({p}) was made for base model {made_for!r}, but the registry's "
+                      f"base_model is {names[0]!r}",
+                      fix=f"use an adapter trained on {names[0]!r}, or, if {made_for!r} is the same weights under "
+                          "another name, load with check_base_model=False")
+    return cfg
+
+
+def load_adapters(base, sources: Sequence[AdapterSource]):
+    """Wrap ``base`` (modified in place) in ONE ``PeftModel`` holding every adapter by name.
+
+    Errors name the adapter and its checkpoint folder: a shape mismatch (a LoRA made
+    for a model with another hidden size), target modules the base does not have, or
+    weights missing from the checkpoint.
+    """
+    from peft import PeftModel
+
+    if not sources:
+        raise InputError(located(None, "adapters", "no adapters to load",
+                                 fix="register one with `router add-adapter NAME`"))
+    device = str(next(base.parameters()).device)
+    model = None
+    for src in sources:
+        fix = "use an adapter trained for this base model (or retrain it on it)"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                if model is None:
+                    model = PeftModel.from_pretrained(base, str(src.path), adapter_name=src.name, is_trainable=False)
+                    missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
+                else:
+                    result = model.load_adapter(str(src.path), adapter_name=src.name, is_trainable=False,
+                                                torch_device=device)
+                    missing = list(result.missing_keys)
+            except RuntimeError as e:  # size mismatch from load_state_dict
+                lines = str(e).splitlines()
+                first = next((ln.strip() for ln in lines if "size mismatch" in ln), lines[0])
+                raise src.err(f"adapter {src.name!r} ({src.path}) does not fit the base model: {first}", fix=fix) \
+                    from None
+            except (ValueError, KeyError, TypeError, OSError) as e:
+                raise src.err(f"adapter {src.name!r} ({src.path}) cannot be loaded: {type(e).__name__}: {e}",
+                              fix=fix) from None
+        for w in caught:  # keep peft's other warnings visible, except library-internal deprecations
+            if "missing adapter keys" not in str(w.message) and not issubclass(w.category, (FutureWarning,
+                                                                                           DeprecationWarning)):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if missing:
+            raise src.err(f"adapter {src.name!r} ({src.path}) lacks weights for modules the config targets: "
+                          f"{str(missing[0])[:200]}", fix="re-save the adapter with peft's save_pretrained")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def adapters_in(module) -> set[str]:
+    """Names of the PEFT adapters that have weights somewhere inside ``module``."""
+    found: set[str] = set()
+    for m in module.modules():
+        for attr in getattr(m, "adapter_layer_names", ()):
+            v = getattr(m, attr, None)
+            if hasattr(v, "keys"):
+                found |= set(v.keys())
+    return found
+
+
+def vision_adapters(model) -> set[str]:
+    """Adapters with weights in the vision tower (their image features differ from the base's)."""
+    return adapters_in(inner_vl_model(model).visual)

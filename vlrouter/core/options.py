@@ -1,0 +1,59 @@
+"""Training options: built-in defaults < registry.yaml ``train:`` < CLI flags, resolved in one function."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import ValidationError
+
+from vlrouter.core.errors import InputError, located
+from vlrouter.core.registry import Registry, TrainSection, suggest
+
+
+class TrainOptions(TrainSection):
+    """``train:`` of registry.yaml with CLI overrides applied, plus what the encoder needs."""
+
+    base_model: str
+    base_model_revision: str | None = None
+    pooling: str = "mean"
+    layer: int = -1
+    dtype: str = "auto"
+    device: str | None = None
+    gpu: str | None = None  # Modal GPU type for --backend modal (else registry.yaml modal.gpu)
+
+
+OVERRIDE_ALIASES = {"base_model_id": "base_model"}
+
+
+def resolve_options(registry: Registry, overrides: dict[str, Any] | None = None) -> TrainOptions:
+    """The one place options resolve: built-in defaults < ``registry.yaml`` ``train:`` < ``overrides``.
+
+    ``overrides`` holds CLI flags by field name (``epochs``, ``batch_size``, ``lr``,
+    ``patience``, ``train_samples``, ``eval_samples``, ``backend``, ``device``, …);
+    ``None`` values mean "not given". ``base_model_id`` (the seed's flag) replaces the
+    registry's ``base_model``; an existing local folder is made absolute.
+    """
+    m = registry.model
+    values: dict[str, Any] = m.train.model_dump()
+    values.update(base_model=registry.base_model, base_model_revision=m.base_model_revision,
+                  pooling=m.router.pooling, layer=m.router.layer, dtype=m.router.dtype)
+    known = set(TrainOptions.model_fields)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        field = OVERRIDE_ALIASES.get(key, key)
+        if field not in known:
+            raise InputError(located(None, key, f"unknown training option{suggest(key, sorted(known))}",
+                                     fix=f"one of {', '.join(sorted(known))}"))
+        if field == "base_model" and os.path.exists(os.path.expanduser(str(value))):
+            value = os.path.abspath(os.path.expanduser(str(value)))
+        values[field] = value
+    try:
+        return TrainOptions.model_validate(values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = ".".join(str(x) for x in err["loc"])
+        flag = "--" + name.replace("_", "-")
+        raise InputError(located(None, name, f"{err['msg']} (got {values.get(name)!r})",
+                                 fix=f"correct {flag} or train.{name} in registry.yaml")) from None
