@@ -32,4 +32,4 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_encoder(tiny_model_dir):
     from vlrouter.core.encoder import Encoder
 
-    return Encoder.load(str(tiny_model_dir), pooling="mean", layer=-1, device="cpu")
+    return Encoder.load(str(tiny_model_dir), device="cpu")

@@ -79,9 +79,17 @@ def make_lora_adapters(model_dir: str | Path, out_root: str | Path, names, *, ta
     return out
 
 
+def features(encoder, images, prompts, views=("mean",), layer: int = -1):
+    """What a router reading ``views`` at ``layer`` sees for these inputs (the training features)."""
+    from vlrouter.core.encoder import Representation, resolve_layer
+
+    resolved = resolve_layer(layer, encoder.num_layers)
+    return Representation(tuple(views), resolved).features(encoder.embed(images, prompts, [resolved]))
+
+
 def write_registry(root: str | Path, base_model: str | Path, checkpoints: dict[str, str | Path], *,
                    router_dir: str = "runs/router", fallback: str = "base", min_confidence: float = 0.0,
-                   pooling: str = "mean", layer: int = -1, extra_adapters: dict[str, str] | None = None) -> Path:
+                   pooling: str = "mean", layer: int | str = -1, extra_adapters: dict[str, str] | None = None) -> Path:
     """Write ``root/registry.yaml`` listing ``checkpoints`` (name -> folder) in order."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -111,22 +119,21 @@ def train_router(registry_path: str | Path, *, encoder=None, names=None, tempera
     """
     import torch
 
-    from vlrouter.core.encoder import Encoder
+    from vlrouter.core.encoder import Encoder, Representation, resolve_layer
     from vlrouter.core.head import HeadShape, build_head
     from vlrouter.core.registry import Registry
     from vlrouter.core.store import RouterMeta, save_router
 
     reg = Registry.load(registry_path)
     names = list(names or reg.adapter_names)
-    pooling, layer = reg.model.router.pooling, reg.model.router.layer
-    if encoder is None or encoder.pooling != pooling or encoder.layer != layer:
-        model, proc = (encoder.model, encoder.processor) if encoder is not None else (None, None)
-        if model is None:
-            encoder = Encoder.load(reg.base_model, pooling=pooling, layer=layer, device="cpu")
-        else:
-            encoder = Encoder(model, proc, reg.base_model, pooling=pooling, layer=layer)
+    views = reg.model.router.views or ["mean"]
+    setting = reg.model.router.layer
+    if encoder is None:
+        encoder = Encoder.load(reg.base_model, device="cpu")
+    layer = resolve_layer(-1 if setting == "auto" else int(setting), encoder.num_layers)
+    rep = Representation(tuple(views), layer)
     data = samples(names)
-    feats = encoder.embed([s[0] for s in data], [s[1] for s in data])
+    feats = rep.features(encoder.embed([s[0] for s in data], [s[1] for s in data], [layer]))
     labels = torch.tensor([names.index(s[2]) for s in data])
     torch.manual_seed(seed)
     shape = HeadShape(kind="linear", in_dim=feats.shape[1], num_labels=len(names))
@@ -142,8 +149,8 @@ def train_router(registry_path: str | Path, *, encoder=None, names=None, tempera
     with torch.no_grad():
         acc = float((head(feats).argmax(-1) == labels).float().mean())
     meta = RouterMeta(adapters=list(adapters_in_meta or names), base_model=base_model_in_meta or reg.model.base_model,
-                      pooling=pooling, layer=layer, hidden_size=feats.shape[1], head=shape, temperature=temperature,
-                      best_loss=final_loss, best_acc=acc)
+                      pooling=list(views), layer=layer, num_layers=encoder.num_layers, hidden_size=encoder.hidden_size,
+                      head=shape, temperature=temperature, best_loss=final_loss, best_acc=acc)
     save_router(reg.router_dir, head, meta)
     return head, meta
 

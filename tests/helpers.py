@@ -106,12 +106,21 @@ def make_dataset(dir: str | Path, task: str, n: int, seed: int = 0) -> Path:
     return path
 
 
-def registry_text(base_model: str | Path, adapters: list[tuple[str, str]], **train) -> str:
-    """registry.yaml text: ``adapters`` is ``[(name, dataset_path), ...]``; ``train`` overrides train: keys."""
+# vlrouter's own defaults for the head: views, layer and L2 by cross-validation, the L-BFGS solver
+DEFAULTS = {"pooling": "auto", "epochs": None, "batch_size": None, "lr": None, "patience": None, "eval_every": None}
+
+
+def registry_text(base_model: str | Path, adapters: list[tuple[str, str]], *, pooling: str = "mean",
+                  router: dict | None = None, **train) -> str:
+    """registry.yaml text: ``adapters`` is ``[(name, dataset_path), ...]``; ``train`` overrides train: keys
+    (None drops one), ``router`` adds router: keys. The defaults here are small AdamW settings that keep
+    tests fast; ``**DEFAULTS`` asks for vlrouter's own defaults instead."""
     defaults = {"epochs": 60, "batch_size": 16, "lr": 0.01, "patience": 8, "eval_every": 5, "workers": 1,
                 "embed_batch_size": 16, "seed": 0}
     defaults.update(train)
-    lines = [f"base_model: {base_model}", "router:", "  dir: runs/router", "  pooling: mean", "train:"]
+    lines = [f"base_model: {base_model}", "router:", "  dir: runs/router", f"  pooling: {pooling}"]
+    lines += [f"  {k}: {v}" for k, v in (router or {}).items()]
+    lines.append("train:")
     lines += [f"  {k}: {v}" for k, v in defaults.items() if v is not None]
     lines.append("adapters:")
     for name, ds in adapters:
@@ -120,7 +129,7 @@ def registry_text(base_model: str | Path, adapters: list[tuple[str, str]], **tra
 
 
 def make_registry(tmp: str | Path, tiny_model_dir: str | Path, tasks: list[str] | tuple[str, ...] = TASKS[:3], *,
-                  n: int = 30, seed: int = 0, **train) -> Path:
+                  n: int = 30, seed: int = 0, pooling: str = "mean", router: dict | None = None, **train) -> Path:
     """A project folder with one dataset per task and a registry.yaml listing them; returns registry.yaml."""
     root = Path(tmp)
     root.mkdir(parents=True, exist_ok=True)
@@ -129,7 +138,7 @@ def make_registry(tmp: str | Path, tiny_model_dir: str | Path, tasks: list[str] 
         make_dataset(root / "data" / task, task, n, seed)
         adapters.append((task, f"data/{task}/train.jsonl"))
     path = root / "registry.yaml"
-    path.write_text(registry_text(tiny_model_dir, adapters, **train))
+    path.write_text(registry_text(tiny_model_dir, adapters, pooling=pooling, router=router, **train))
     return path
 
 

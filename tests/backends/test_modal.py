@@ -327,7 +327,7 @@ def test_function_bodies_with_local_make_the_same_router_as_the_local_backend(pr
     assert sum(s["processed"] for s in shards) == sum(s["samples"] for s in shards) > 0
     again = mapp.process_shard.local(0, num_shards=3, dataset=name, base_model=opts.base_model, data_root=str(data))
     assert again["processed"] == 0 and again["reused"] == shards[0]["samples"]  # resumable
-    info = mapp.embed.local(name, "run1", opts.base_model, pooling=opts.pooling, layer=opts.layer, dtype=opts.dtype,
+    info = mapp.embed.local(name, "run1", opts.base_model, layer=opts.layer, dtype=opts.dtype,
                             batch_size=opts.embed_batch_size, workers=1, data_root=str(data))
     assert info["embedded_new"] == info["samples"] and info["reused_cached"] == 0
     tstats = mapp.train.local(name, "run1", opts.model_dump(mode="json"), info,
@@ -359,7 +359,8 @@ def test_function_bodies_with_local_make_the_same_router_as_the_local_backend(pr
         assert meta_c.metrics["dataset_dir"] == str(ds_dir)
         assert meta_c.embedded_new == info["embedded_new"] and meta_c.metrics["modal"] == {"run_id": "run1"}
         assert candidate.meta.metrics["val_acc"] == meta_a.metrics["val_acc"]
-        assert torch.equal(candidate.val_features, local.val_features)  # the gate scores the same samples
+        assert candidate.val_views.keys() == local.val_views.keys()  # the gate scores the same samples
+        assert all(torch.equal(candidate.val_views[k], local.val_views[k]) for k in local.val_views)
         assert candidate.val_labels == local.val_labels
         assert (cand / "tensorboard").is_dir()
 
@@ -412,7 +413,7 @@ def live_project(tmp_path, tiny_model_dir):
     shape = HeadShape(in_dim=64, num_labels=3)
     torch.manual_seed(0)
     head = build_head(shape)
-    meta = RouterMeta(adapters=reg.adapter_names, base_model=reg.base_model, pooling="mean", layer=-1,
+    meta = RouterMeta(adapters=reg.adapter_names, base_model=reg.base_model, pooling=["mean"], layer=-1,
                       hidden_size=64, head=shape)
     promote(save_router(new_version_dir(reg.router_dir), head, meta), reg.router_dir)
     return reg

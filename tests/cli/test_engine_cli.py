@@ -104,7 +104,7 @@ def test_act_shows_the_fallback(project, tmp_path):
     res = run("act", str(root / "calendar.png"), "Click March 29 in the calendar", "--max-new-tokens", "2",
               registry=reg)
     assert res.exit_code == 0, res.output
-    assert "adapter: base" in res.stdout and "router chose calendar below router.min_confidence" in res.stdout
+    assert "adapter: base" in res.stdout and "router chose calendar, below router.min_confidence" in res.stdout
     data = json.loads(run("act", str(root / "calendar.png"), "Click March 29 in the calendar", "--json",
                           "--max-new-tokens", "2", registry=reg).stdout)
     assert (data["adapter"], data["routed"], data["fallback"]) == ("base", "calendar", True)

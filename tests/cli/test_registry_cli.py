@@ -436,11 +436,11 @@ def _candidate(registry, *, always: int, acc: float):
         head[-1].weight.zero_()
         head[-1].bias.zero_()
         head[-1].bias[always] = 1.0
-    meta = RouterMeta(adapters=registry.adapter_names, base_model="Qwen/Qwen3-VL-8B-Instruct", pooling="mean",
-                      layer=-1, hidden_size=4, head=shape, metrics={"val_acc": acc, "n_val": len(_VAL_Y)},
+    meta = RouterMeta(adapters=registry.adapter_names, base_model="Qwen/Qwen3-VL-8B-Instruct", pooling=["mean"],
+                      layer=2, num_layers=2, hidden_size=4, head=shape, metrics={"val_acc": acc, "n_val": len(_VAL_Y)},
                       encoder_fingerprint="enc", embedded_new=4, reused_cached=5)
     out = save_router(new_version_dir(registry.router_dir), head, meta)
-    return Candidate(dir=out, dataset_dir=out, meta=meta, val_features=torch.zeros(len(_VAL_Y), 4),
+    return Candidate(dir=out, dataset_dir=out, meta=meta, val_views={"mean@2": torch.zeros(len(_VAL_Y), 4)},
                      val_labels=_VAL_Y)
 
 

@@ -74,10 +74,11 @@ def test_cold_retrain_learns_the_adapters_and_router_json_follows_the_registry(t
     from vlrouter.core.store import load_router
 
     head, loaded = load_router(project / "runs" / "router")
-    enc = Encoder.load(loaded.base_model, pooling=loaded.pooling, layer=loaded.layer, device="cpu")
+    enc = Encoder.load(loaded.base_model, device="cpu")
     val = load_routing_dataset(meta["metrics"]["dataset_dir"]).split("val")
-    feats, stats = embed_dataset(enc, val, project / ".features")
+    views, stats = embed_dataset(enc, val, project / ".features", layers=[loaded.layer])
     assert stats["embedded_new"] == 0
+    feats = loaded.representation().features(views)
     logits = head_logits(head, feats)
     again, _ = load_router(project / "runs" / "router")
     assert torch.equal(head_logits(again, feats), logits)

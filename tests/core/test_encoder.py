@@ -1,11 +1,25 @@
-"""The frozen encoder: from_pretrained round-trip, pooling, padding invariance."""
+"""The frozen encoder: from_pretrained round-trip, views of one forward pass, early exit, padding invariance."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
-from vlrouter.core.encoder import Encoder, build_inputs, inner_vl_model, pool_hidden
+from vlrouter.core.encoder import (
+    VIEWS,
+    Representation,
+    build_inputs,
+    default_layers,
+    encode_views,
+    inner_vl_model,
+    pool_hidden,
+    pool_views,
+    resolve_layer,
+    view_key,
+    view_masks,
+)
+from vlrouter.core.errors import InputError
 
 
 def _images():
@@ -17,6 +31,8 @@ PROMPTS = ["Click March 29 in the calendar", "Select Dr. Smith from the provider
 
 def test_tiny_model_round_trips_through_from_pretrained(tiny_model_dir):
     from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from vlrouter.core.encoder import Encoder
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
@@ -32,12 +48,68 @@ def test_tiny_model_round_trips_through_from_pretrained(tiny_model_dir):
     assert out.hidden_states[-1].shape[-1] == enc.hidden_size
 
 
-def test_pooled_features_differ_across_inputs(tiny_encoder):
-    feats = tiny_encoder.embed(_images(), PROMPTS)
-    assert feats.shape == (3, tiny_encoder.hidden_size)
-    assert feats.dtype == torch.float32
-    dists = torch.cdist(feats, feats)
-    assert (dists[~torch.eye(3, dtype=torch.bool)] > 1e-3).all()
+def test_every_view_at_every_layer_equals_pooling_what_output_hidden_states_reports(tiny_encoder):
+    enc = tiny_encoder
+    batch = enc.prepare(_images(), PROMPTS)
+    with torch.inference_mode():
+        hs = inner_vl_model(enc.model)(**batch, output_hidden_states=True, use_cache=False).hidden_states
+    layers = list(range(enc.num_layers + 1))
+    views = encode_views(enc.model, batch, layers, token_ids=enc.token_ids)
+    assert set(views) == {view_key(v, i) for v in VIEWS for i in layers}
+    masks = view_masks(batch["input_ids"], batch["attention_mask"], enc.token_ids, batch["image_grid_thw"])
+    for i in layers:
+        ref = pool_views(hs[i], masks, batch["attention_mask"], VIEWS)
+        for v in VIEWS:
+            assert torch.equal(views[view_key(v, i)], ref[v]), (v, i)  # exactly: the same tensors, pooled
+    distinct = {v: views[view_key(v, enc.num_layers)] for v in VIEWS if v != "image-grid"}
+    for a in distinct:  # different summaries of the same pass
+        for b in distinct:
+            if a < b:
+                assert not torch.allclose(distinct[a], distinct[b])
+    grid = views[view_key("image-grid", 1)]
+    assert grid.shape == (3, 4 * enc.hidden_size)  # four screen quarters, side by side
+
+
+def test_early_exit_gives_the_same_views_and_skips_the_later_layers(tiny_encoder):
+    enc = tiny_encoder
+    batch = enc.prepare(_images(), PROMPTS)
+    full = encode_views(enc.model, batch, [1, enc.num_layers], token_ids=enc.token_ids)
+    blocks = inner_vl_model(enc.model).language_model.layers
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(blocks)]
+    try:
+        early = encode_views(enc.model, batch, [1], token_ids=enc.token_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ran == [0], ran  # only the first decoder layer ran
+    for v in VIEWS:
+        assert torch.equal(early[view_key(v, 1)], full[view_key(v, 1)])
+
+
+def test_view_masks_cover_the_screenshot_and_exactly_the_instruction(tiny_encoder):
+    enc = tiny_encoder
+    batch = enc.prepare(_images(), PROMPTS)
+    m = view_masks(batch["input_ids"], batch["attention_mask"], enc.token_ids)
+    tok = enc.processor.tokenizer
+    for row, prompt in enumerate(PROMPTS):
+        ids = batch["input_ids"][row]
+        assert tok.decode(ids[m["text-mean"][row].bool()]) == prompt
+        assert int(m["image-mean"][row].sum()) == int((ids == enc.token_ids.image).sum()) > 0
+        assert int(m["mean"][row].sum()) == int(batch["attention_mask"][row].sum())
+
+
+def test_image_grid_splits_the_image_tokens_into_screen_quarters_in_raster_order():
+    from vlrouter.core.encoder import TokenIds
+
+    ids = TokenIds(image=9, vision_end=8, turn_end=7, merge=2)
+    row = [1, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 8, 5, 5, 7]  # 12 image tokens: 3 rows x 4 columns
+    input_ids = torch.tensor([row])
+    masks = view_masks(input_ids, torch.ones_like(input_ids), ids, torch.tensor([[1, 6, 8]]))
+    quarters = [sorted((torch.nonzero(q[0]).flatten() - 1).tolist()) for q in masks["image-grid"]]
+    # the middle row (4..7) belongs to both halves; the columns split 2 | 2
+    assert quarters == [[0, 1, 4, 5], [2, 3, 6, 7], [4, 5, 8, 9], [6, 7, 10, 11]]
+    assert masks["text-mean"][0].tolist() == [0] * 14 + [1, 1, 0]
 
 
 def test_token_zero_is_identical_for_every_input(tiny_encoder):
@@ -51,14 +123,14 @@ def test_token_zero_is_identical_for_every_input(tiny_encoder):
         torch.testing.assert_close(f, firsts[0], rtol=0, atol=0)
 
 
-def test_batched_equals_single_with_left_padding(tiny_encoder):
-    for pooling in ("mean", "last"):
-        enc = Encoder(tiny_encoder.model, tiny_encoder.processor, tiny_encoder.base_model, pooling=pooling)
-        batch = enc.prepare(_images(), PROMPTS)
-        assert (batch["attention_mask"][:, 0] == 0).any(), "prompts of different length must pad on the left"
-        batched = enc.embed_prepared(batch)
-        single = torch.cat([enc.embed([i], [p]) for i, p in zip(_images(), PROMPTS)])
-        torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
+def test_batched_equals_single_with_left_padding_for_every_view(tiny_encoder):
+    enc = tiny_encoder
+    batch = enc.prepare(_images(), PROMPTS)
+    assert (batch["attention_mask"][:, 0] == 0).any(), "prompts of different length must pad on the left"
+    batched = enc.embed_prepared(batch, [1, enc.num_layers])
+    singles = [enc.embed([i], [p], [1, enc.num_layers]) for i, p in zip(_images(), PROMPTS)]
+    for name, t in batched.items():
+        torch.testing.assert_close(t, torch.cat([s[name] for s in singles]), rtol=1e-4, atol=1e-5)
 
 
 def test_pool_hidden_handles_left_and_right_padding():
@@ -71,10 +143,27 @@ def test_pool_hidden_handles_left_and_right_padding():
     torch.testing.assert_close(pool_hidden(hidden, right, "mean")[0], hidden[0, :2].mean(0))
 
 
+def test_layers_resolve_from_either_end_and_refuse_out_of_range():
+    assert default_layers(12) == [3, 6, 9, 12] and default_layers(2) == [1, 2] and default_layers(1) == [1]
+    assert resolve_layer(-1, 12) == 12 and resolve_layer(-13, 12) == 0 and resolve_layer(5, 12) == 5
+    for bad in (13, 999, -14):
+        with pytest.raises(InputError, match=r"router.layer: .* out of range for a model with 12 layers.*fix: use"):
+            resolve_layer(bad, 12)
+
+
+def test_a_representation_concatenates_its_views_in_order_and_refuses_bad_ones():
+    views = {"mean@2": torch.ones(3, 4), "last@2": torch.zeros(3, 4)}
+    rep = Representation(("last", "mean"), 2)
+    assert rep.keys == ["last@2", "mean@2"] and rep.label == "last+mean @ layer 2"
+    assert torch.equal(rep.features(views), torch.cat([views["last@2"], views["mean@2"]], dim=-1))
+    with pytest.raises(InputError, match="unknown view 'bogus'"):
+        Representation(("mean", "bogus"), 2)
+    with pytest.raises(InputError, match="the view list is empty"):
+        Representation((), 2)
+    with pytest.raises(InputError, match=r"views \['mean@1'\] were not embedded"):
+        Representation(("mean",), 1).features(views)
+
+
 def test_empty_prompt_is_refused(tiny_encoder):
-    import pytest
-
-    from vlrouter.core.errors import InputError
-
     with pytest.raises(InputError, match="empty"):
         build_inputs(tiny_encoder.processor, _images()[:1], ["   "])

@@ -104,7 +104,7 @@ def test_route_accepts_a_path(engine, tmp_path):
 
 def test_route_probs_are_the_temperature_scaled_softmax(engine, tiny_encoder):
     img, prompt, _ = H.samples()[0]
-    feats = tiny_encoder.embed([img], [prompt])
+    feats = H.features(tiny_encoder, [img], [prompt])
     with torch.no_grad():
         logits = engine.head(feats)[0]
     for t in (1.0, 4.0):
@@ -119,9 +119,9 @@ def test_route_probs_are_the_temperature_scaled_softmax(engine, tiny_encoder):
 def test_routing_features_equal_a_plain_base_model_exactly(engine, tiny_encoder):
     """Adapters are loaded, but routing runs under disable_adapter(): the base's features, bit for bit."""
     for img, prompt, _ in H.samples():
-        assert torch.equal(engine.embed([img], [prompt]), tiny_encoder.embed([img], [prompt]))
+        assert torch.equal(engine.embed([img], [prompt]), H.features(tiny_encoder, [img], [prompt]))
     imgs, prompts = [s[0] for s in H.samples()], [s[1] for s in H.samples()]
-    assert torch.equal(engine.embed(imgs, prompts), tiny_encoder.embed(imgs, prompts))
+    assert torch.equal(engine.embed(imgs, prompts), H.features(tiny_encoder, imgs, prompts))
 
 
 def test_one_copy_of_the_base_weights(engine, tiny_encoder):
@@ -191,7 +191,7 @@ def test_unparseable_text_gives_no_action_but_keeps_text(engine, items):
 def test_route_to_dict_is_json(engine, items):
     r = engine.route(*items[0])
     assert json.loads(json.dumps(r.to_dict())) == {"adapter": r.adapter, "confidence": r.confidence,
-                                                   "probs": r.probs}
+                                                   "probs": r.probs, "ood_score": None, "known": True}
 
 
 def test_vision_tower_runs_once_per_act(engine, items):

@@ -10,8 +10,10 @@ import torch
 
 from tests.helpers import make_dataset
 from vlrouter.core.data import read_adapter_dataset
+from vlrouter.core.encoder import VIEWS
 from vlrouter.core.errors import ImageError
 from vlrouter.core.features import FeatureCache, collate, embed_dataset, feature_key, prepare_shard, sample_keys
+from vlrouter.core.images import open_image
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +27,6 @@ def samples(tmp_path_factory):
 
 
 def test_collate_of_per_sample_outputs_equals_processing_the_batch(tiny_encoder, samples):
-    from vlrouter.core.images import open_image
-
     batch = samples[:4]
     per_sample = prepare_shard(tiny_encoder.base_model, batch, processor=tiny_encoder.processor)
     together = tiny_encoder.prepare([open_image(s.image) for s in batch], [s.prompt for s in batch])
@@ -36,9 +36,20 @@ def test_collate_of_per_sample_outputs_equals_processing_the_batch(tiny_encoder,
         assert torch.equal(merged[k], together[k]), k
 
 
+LAST = [-1]  # the last layer only
+
+
+def _mean(views: dict) -> torch.Tensor:
+    (name,) = [n for n in views if n.startswith("mean@")]
+    return views[name]
+
+
 def test_embed_twice_embeds_nothing_the_second_time(tiny_encoder, samples, tmp_path):
     cache = FeatureCache(tmp_path / "cache", tiny_encoder.fingerprint())
-    feats, stats = embed_dataset(tiny_encoder, samples, cache, batch_size=5)
+    views, stats = embed_dataset(tiny_encoder, samples, cache, layers=LAST, batch_size=5)
+    n = tiny_encoder.num_layers
+    assert set(views) == {f"{v}@{n}" for v in VIEWS}
+    feats = _mean(views)
     assert feats.shape == (len(samples), tiny_encoder.hidden_size) and feats.dtype == torch.float32
     assert stats["embedded_new"] == len(samples) and stats["reused_cached"] == 0
     # one safetensors file per sample at <root>/<encoder fp>/<key[:2]>/<key>.safetensors; no pickles
@@ -48,48 +59,82 @@ def test_embed_twice_embeds_nothing_the_second_time(tiny_encoder, samples, tmp_p
     for f in entries:
         assert f.parent.parent.name == tiny_encoder.fingerprint() and f.parent.name == f.stem[:2]
 
-    again, stats2 = embed_dataset(tiny_encoder, samples, cache, batch_size=5)
+    again, stats2 = embed_dataset(tiny_encoder, samples, cache, layers=LAST, batch_size=5)
     assert stats2["embedded_new"] == 0 and stats2["reused_cached"] == len(samples) and stats2["forwarded"] == 0
-    assert torch.equal(again, feats)
+    assert all(torch.equal(again[k], views[k]) for k in views)
     # features match a plain forward of each sample (cache = what the engine would compute)
-    direct = tiny_encoder.embed([__import__("vlrouter.core.images", fromlist=["x"]).open_image(samples[0].image)],
-                                [samples[0].prompt])
-    torch.testing.assert_close(feats[0], direct[0], rtol=1e-4, atol=1e-5)
+    direct = tiny_encoder.embed([open_image(samples[0].image)], [samples[0].prompt], LAST)
+    for k in views:
+        torch.testing.assert_close(views[k][0], direct[k][0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_layer_asked_for_later_re_embeds_and_keeps_the_views_already_cached(tiny_encoder, samples, tmp_path):
+    cache = FeatureCache(tmp_path / "cache", tiny_encoder.fingerprint())
+    first, _ = embed_dataset(tiny_encoder, samples, cache, layers=[1], batch_size=6)
+    both, stats = embed_dataset(tiny_encoder, samples, cache, layers=[1, -1], batch_size=6)
+    assert stats["embedded_new"] == len(samples)  # layer -1 was not in the entries yet
+    assert all(torch.equal(both[k], first[k]) for k in first)
+    only_first, stats = embed_dataset(tiny_encoder, samples, cache, layers=[1], batch_size=6)
+    assert stats["embedded_new"] == 0  # every entry now holds both layers
+    last_only, stats = embed_dataset(tiny_encoder, samples, cache, layers=[-1], batch_size=6)
+    assert stats["embedded_new"] == 0 and all(torch.equal(last_only[k], both[k]) for k in last_only)
+
+
+def test_entries_of_the_old_single_vector_format_are_re_embedded_not_misread(tiny_encoder, samples, tmp_path):
+    from safetensors.torch import save_file
+
+    from vlrouter.core.images import image_digest
+
+    root = tmp_path / "cache"
+    old_fp = "0123456789abcdef"  # format 1 folders were named by another fingerprint: never looked at
+    key = feature_key(old_fp, image_digest(open_image(samples[0].image)), samples[0].prompt)
+    old = FeatureCache(root, old_fp)
+    old.path(key).parent.mkdir(parents=True)
+    save_file({"feature": torch.zeros(tiny_encoder.hidden_size)}, str(old.path(key)))
+    # …and a format-1 entry under today's key would lack every view name: embedded again, not read
+    cache = FeatureCache(root, tiny_encoder.fingerprint())
+    k0 = sample_keys(tiny_encoder, samples[:1])[0]
+    cache.path(k0).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"feature": torch.zeros(tiny_encoder.hidden_size)}, str(cache.path(k0)))
+    views, stats = embed_dataset(tiny_encoder, samples[:1], cache, layers=LAST)
+    assert stats["embedded_new"] == 1
+    assert _mean(views).abs().sum() > 0
 
 
 def test_an_interrupted_embed_resumes_where_it_stopped(tiny_encoder, samples, tmp_path, monkeypatch):
     cache = FeatureCache(tmp_path / "cache", tiny_encoder.fingerprint())
     reference, _ = embed_dataset(tiny_encoder, samples, FeatureCache(tmp_path / "ref", tiny_encoder.fingerprint()),
-                                 batch_size=4)
+                                 layers=LAST, batch_size=4)
+    reference = _mean(reference)
 
     calls = {"n": 0}
     real = type(tiny_encoder).embed_prepared
 
-    def crash_on_second_batch(self, batch):
+    def crash_on_second_batch(self, batch, layers, **kw):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return real(self, batch)
+        return real(self, batch, layers, **kw)
 
     monkeypatch.setattr(type(tiny_encoder), "embed_prepared", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        embed_dataset(tiny_encoder, samples, cache, batch_size=4)
+        embed_dataset(tiny_encoder, samples, cache, layers=LAST, batch_size=4)
     monkeypatch.undo()
     assert len(cache) == 4  # the first batch was written, whole; no temp files left behind
     assert not [p for p in cache.dir.rglob("*.tmp")]
 
-    feats, stats = embed_dataset(tiny_encoder, samples, cache, batch_size=4)
+    feats, stats = embed_dataset(tiny_encoder, samples, cache, layers=LAST, batch_size=4)
     assert stats["embedded_new"] == len(samples) - 4 and stats["reused_cached"] == 4
-    torch.testing.assert_close(feats, reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_mean(feats), reference, rtol=1e-4, atol=1e-5)
 
     # some entries deleted, one damaged: exactly those are embedded again
     keys = sample_keys(tiny_encoder, samples)
     for k in keys[:3]:
         cache.path(k).unlink()
     cache.path(keys[5]).write_bytes(b"garbage")
-    feats, stats = embed_dataset(tiny_encoder, samples, cache, batch_size=4)
+    feats, stats = embed_dataset(tiny_encoder, samples, cache, layers=LAST, batch_size=4)
     assert stats["embedded_new"] == 4 and stats["reused_cached"] == len(samples) - 4
-    torch.testing.assert_close(feats, reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_mean(feats), reference, rtol=1e-4, atol=1e-5)
 
 
 def test_key_is_the_content_not_the_path(tiny_encoder, samples, tmp_path):
@@ -107,11 +152,11 @@ def test_key_is_the_content_not_the_path(tiny_encoder, samples, tmp_path):
 def test_two_worker_processes_give_the_same_features(tiny_encoder, samples, tmp_path, monkeypatch):
     import vlrouter.core.features as features
 
-    one, _ = embed_dataset(tiny_encoder, samples, tmp_path / "a", workers=1, batch_size=4)
+    one, _ = embed_dataset(tiny_encoder, samples, tmp_path / "a", layers=LAST, workers=1, batch_size=4)
     monkeypatch.setattr(features, "POOL_MIN_SAMPLES", 1)  # start the (spawned) workers even for 12 samples
-    two, stats = embed_dataset(tiny_encoder, samples, tmp_path / "b", workers=2, batch_size=4)
+    two, stats = embed_dataset(tiny_encoder, samples, tmp_path / "b", layers=LAST, workers=2, batch_size=4)
     assert stats["embedded_new"] == len(samples) and stats["workers"] == 2
-    assert torch.equal(one, two)
+    assert all(torch.equal(one[k], two[k]) for k in one)
 
 
 def test_an_image_changed_since_the_dataset_was_built_names_the_sample(tiny_encoder, samples, tmp_path):
@@ -120,4 +165,4 @@ def test_an_image_changed_since_the_dataset_was_built_names_the_sample(tiny_enco
     broken.write_bytes(Path(s.image).read_bytes()[:40])
     bad = type(s)(**{**s.__dict__, "image": str(broken)})
     with pytest.raises(ImageError, match=s.source.replace("/", ".")):
-        embed_dataset(tiny_encoder, [bad], tmp_path / "cache")
+        embed_dataset(tiny_encoder, [bad], tmp_path / "cache", layers=LAST)

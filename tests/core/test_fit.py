@@ -12,7 +12,8 @@ from vlrouter.core.registry import TrainSection
 
 
 def _opts(**kw) -> TrainSection:
-    base = {"epochs": 30, "batch_size": 8, "lr": 0.01, "patience": 5, "eval_every": 5, "seed": 0}
+    """The seed's minibatch solver (AdamW, early stopping) with small settings."""
+    base = {"epochs": 30, "batch_size": 8, "lr": 0.01, "patience": 5, "eval_every": 5, "seed": 0, "solver": "adamw"}
     return TrainSection(**{**base, **kw})
 
 
@@ -58,3 +59,26 @@ def test_imbalanced_classes_get_inverse_frequency_weights():
     assert w[0] < w[1] < w[2] and w[2] == pytest.approx(45 / (3 * 5), rel=1e-3)
     _, balanced = train_head(*_blobs(), vx, vy, _opts(epochs=2), num_labels=3)
     assert balanced["class_weights"] is None
+
+
+def test_lbfgs_head_converges_to_the_regularised_optimum_and_is_deterministic():
+    from vlrouter.core.errors import TrainingError
+
+    x, y = _blobs(spread=4.0)
+    vx, vy = _blobs(n_per_class=(6, 6, 6), seed=3, spread=4.0)
+    opts = TrainSection(solver="lbfgs", seed=0)
+    a, stats = train_head(x, y, vx, vy, opts, num_labels=3, l2=0.01)
+    b, _ = train_head(x, y, vx, vy, opts, num_labels=3, l2=0.01)
+    assert stats["solver"] == "lbfgs" and stats["l2"] == 0.01
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(ta, tb), name
+    # at the optimum the gradient of the regularised loss vanishes: no direction lowers it
+    w = a[1].weight.detach().clone().double().requires_grad_(True)
+    bias = a[1].bias.detach().clone().double().requires_grad_(True)
+    xs = ((x - a[0].mean) / a[0].std).double()
+    loss = torch.nn.functional.cross_entropy(xs @ w.T + bias, y) + 0.005 * (w * w).sum()
+    loss.backward()
+    assert float(w.grad.abs().max()) < 1e-4 and float(bias.grad.abs().max()) < 1e-4
+    assert torch.equal(a[0].mean, x.mean(0))  # standardized with the TRAINING features' statistics
+    with pytest.raises(TrainingError, match="train.l2"):
+        train_head(x, y, vx, vy, opts, num_labels=3)  # l2 auto must be resolved (by CV) first

@@ -24,3 +24,21 @@ def test_options_resolve_defaults_then_registry_then_flags(tmp_path):
         resolve_options(reg, {"epoch": 3})
     with pytest.raises(InputError, match="epochs"):
         resolve_options(reg, {"epochs": 0})
+
+
+def test_the_solver_is_lbfgs_unless_the_seeds_minibatch_settings_are_given(tmp_path):
+    from tests.helpers import DEFAULTS
+
+    path = make_registry(tmp_path, BASE, ["calendar", "claim-window"], n=2, **DEFAULTS)
+    reg = Registry.load(path)
+    o = resolve_options(reg, {})
+    assert o.solver == "lbfgs" and "L-BFGS" in o.solver_reason
+    assert resolve_options(reg, {"epochs": 50}).solver == "lbfgs"  # --epochs caps L-BFGS iterations
+    o = resolve_options(reg, {"lr": 1e-4, "patience": 5})
+    assert o.solver == "adamw" and "--lr, --patience given" in o.solver_reason  # the seed's flags mean what they say
+    path.write_text(path.read_text().replace("train:\n", "train:\n  batch_size: 8\n"))
+    assert resolve_options(Registry.load(path), {}).solver == "adamw"  # in registry.yaml too
+    path.write_text(path.read_text().replace("train:\n", "train:\n  solver: lbfgs\n"))
+    assert resolve_options(Registry.load(path), {"lr": 0.1}).solver == "lbfgs"  # an explicit solver wins
+    path.write_text(path.read_text().replace("  solver: lbfgs\n", "  head: mlp\n"))
+    assert resolve_options(Registry.load(path), {}).solver == "adamw"

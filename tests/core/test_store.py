@@ -39,13 +39,13 @@ def _router(live: Path, *, acc: float, adapters=("a", "b"), fp="enc1", bias: int
             head[-1].weight.zero_()
             head[-1].bias.zero_()
             head[-1].bias[bias] = 1.0
-    meta = RouterMeta(adapters=list(adapters), base_model=BASE, pooling="mean", layer=-1, hidden_size=4, head=shape,
-                      metrics={"val_acc": acc, "n_val": 48}, encoder_fingerprint=fp)
+    meta = RouterMeta(adapters=list(adapters), base_model=BASE, pooling=["mean"], layer=2, num_layers=2, hidden_size=4,
+                      head=shape, metrics={"val_acc": acc, "n_val": 48}, encoder_fingerprint=fp)
     return save_router(new_version_dir(live), head, meta)
 
 
 # 48 validation samples: 42 of class 0, 6 of class 1. A head that always says 0 scores 0.875.
-VAL_X = torch.randn(48, 4, generator=torch.Generator().manual_seed(0))
+VAL_X = {"mean@2": torch.randn(48, 4, generator=torch.Generator().manual_seed(0))}
 VAL_Y = [0] * 42 + [1] * 6
 
 
@@ -59,12 +59,12 @@ def test_gate_refuses_a_worse_candidate_with_both_numbers_and_force_promotes(tmp
     before = _snapshot(live)
     worse = _router(live, acc=0.8125)
     with pytest.raises(PromotionRefused) as e:
-        promote_with_gate(worse, live, val_feats=VAL_X, val_labels=VAL_Y, force=False)
+        promote_with_gate(worse, live, val_views=VAL_X, val_labels=VAL_Y, force=False)
     msg = str(e.value)
     assert "new router 0.812 < live 0.875 on the same 48 validation samples" in msg
     assert "kept the live router" in msg and "--force" in msg
     assert _snapshot(live) == before
-    decision = promote_with_gate(worse, live, val_feats=VAL_X, val_labels=VAL_Y, force=True)
+    decision = promote_with_gate(worse, live, val_views=VAL_X, val_labels=VAL_Y, force=True)
     assert decision.promoted and "--force" in decision.message
     assert os.path.realpath(live) == os.path.realpath(worse)
 
@@ -72,11 +72,11 @@ def test_gate_refuses_a_worse_candidate_with_both_numbers_and_force_promotes(tmp
 def test_gate_promotes_equal_or_better_and_other_label_sets(tmp_path):
     live = tmp_path / "router"
     promote(_router(live, acc=0.5, bias=1), live)  # scores 0.125 on VAL
-    d = promote_with_gate(_router(live, acc=0.125), live, val_feats=VAL_X, val_labels=VAL_Y)
+    d = promote_with_gate(_router(live, acc=0.125), live, val_views=VAL_X, val_labels=VAL_Y)
     assert d.promoted and d.live_val_acc == 0.125  # a tie promotes
-    d = promote_with_gate(_router(live, acc=0.1, adapters=("a", "b", "c")), live, val_feats=VAL_X, val_labels=VAL_Y)
+    d = promote_with_gate(_router(live, acc=0.1, adapters=("a", "b", "c")), live, val_views=VAL_X, val_labels=VAL_Y)
     assert d.promoted and "other labels" in d.message  # not comparable: a new label set
-    d = promote_with_gate(_router(live, acc=0.05, adapters=("a", "b", "c"), fp="enc2"), live, val_feats=VAL_X,
+    d = promote_with_gate(_router(live, acc=0.05, adapters=("a", "b", "c"), fp="enc2"), live, val_views=VAL_X,
                           val_labels=VAL_Y)
     assert d.promoted and "another encoder" in d.message
     assert read_meta(live).encoder_fingerprint == "enc2"
@@ -92,3 +92,20 @@ def test_a_held_lock_refuses_a_second_retrain_and_touches_nothing(tmp_path):
         assert str(lock.path) in str(e.value)
     assert path.read_bytes() == before
     assert not (tmp_path / "datasets").exists()  # refused before doing any work
+
+
+def test_the_gate_scores_a_live_router_in_its_own_representation_or_says_it_cannot(tmp_path):
+    live = tmp_path / "router"
+    shape = HeadShape(in_dim=4, num_labels=2)
+    head = build_head(shape)
+    with torch.no_grad():
+        head[-1].weight.zero_()
+        head[-1].bias.copy_(torch.tensor([1.0, 0.0]))  # always "a": 0.875 on VAL_Y
+    meta = RouterMeta(adapters=["a", "b"], base_model=BASE, pooling=["last"], layer=1, num_layers=2, hidden_size=4,
+                      head=shape, metrics={"val_acc": 0.9, "n_val": 48}, encoder_fingerprint="enc1")
+    promote(save_router(new_version_dir(live), head, meta), live)
+    both = {**VAL_X, "last@1": torch.zeros(48, 4)}
+    with pytest.raises(PromotionRefused, match="live 0.875"):  # scored on last@1, which this run embedded
+        promote_with_gate(_router(live, acc=0.5), live, val_views=both, val_labels=VAL_Y)
+    d = promote_with_gate(_router(live, acc=0.5), live, val_views=VAL_X, val_labels=VAL_Y)
+    assert d.promoted and d.live_val_acc is None and "last @ layer 1, which this run did not embed" in d.message

@@ -141,7 +141,7 @@ def _check_consistent(project: Path, *, old_adapters: list[str], registry_before
     assert meta.head.num_labels == len(meta.adapters)
     # every cache entry under its final name reads back whole (temp files are never read)
     for entry in _cache_entries(project):
-        assert load_file(str(entry))["feature"].ndim == 1, entry
+        assert all(t.ndim == 1 for t in load_file(str(entry)).values()), entry
     # `router status` reports it without crashing
     status = _status(project)["router"]
     assert status["state"] == ("ok" if meta.adapters == reg.adapter_names else "stale"), status
@@ -233,7 +233,7 @@ def test_an_interrupted_embed_resumes_from_the_entries_already_written(project):
     assert total - start >= 20
     proc = _start(project, "embed", "--dataset", str(ds))
     _kill_when(proc, lambda: len(_cache_entries(project)) >= start + 5)
-    kept = {p.name: load_file(str(p))["feature"] for p in _cache_entries(project)}  # each one reads back whole
+    kept = {p.name: load_file(str(p)) for p in _cache_entries(project)}  # each one reads back whole
     assert start + 5 <= len(kept) < total, (start, len(kept), total)
 
     res = subprocess.run([ROUTER, "embed", "--json", "--dataset", str(ds),
@@ -242,8 +242,9 @@ def test_an_interrupted_embed_resumes_from_the_entries_already_written(project):
     assert res.returncode == 0, res.stdout + res.stderr
     stats = json.loads(res.stdout)
     assert stats["reused_cached"] == len(kept) and stats["embedded_new"] == total - len(kept)
-    after = {p.name: load_file(str(p))["feature"] for p in _cache_entries(project)}
-    assert len(after) == total and all(after[k].equal(v) for k, v in kept.items())  # kept entries untouched
+    after = {p.name: load_file(str(p)) for p in _cache_entries(project)}
+    assert len(after) == total  # kept entries untouched:
+    assert all(after[k].keys() == v.keys() and all(after[k][n].equal(t) for n, t in v.items()) for k, v in kept.items())
 
 
 # ---- two retrains at once ------------------------------------------------------------------------

@@ -153,7 +153,7 @@ def test_import_seed_head_maps_a_linear_head_exactly_and_says_it_needs_retrainin
     report = json.loads(res.stdout)
     assert report["needs_retraining"] is True and "token 0" in report["warning"]
     head, meta = load_router(tmp_path / "imported")
-    assert (meta.adapters, meta.pooling, meta.layer, meta.hidden_size) == (SEED_ADAPTERS, "last", -2, 16)
+    assert (meta.adapters, meta.pooling, meta.layer, meta.hidden_size) == (SEED_ADAPTERS, ["last"], -2, 16)
     assert meta.base_model == "Qwen/Qwen3-VL-8B-Instruct" and meta.head.kind == "linear"
     assert torch.equal(head[0].mean, torch.zeros(16)) and torch.equal(head[0].std, torch.ones(16))
     x = torch.randn(5, 16)

@@ -52,10 +52,10 @@ from vlrouter.backends.modal_run import (
     ENV_OUTPUT_VOLUME,
 )
 from vlrouter.core.data import SPLITS, load_routing_dataset
-from vlrouter.core.encoder import Encoder
-from vlrouter.core.features import FeatureCache, collate, digest_shard, feature_key, prepare_shard
+from vlrouter.core.encoder import VIEWS, Encoder, view_key
+from vlrouter.core.features import FeatureCache, digest_shard, embed_prepared_items, feature_key, prepare_shard
 from vlrouter.core.options import TrainOptions
-from vlrouter.core.recipe import SplitFeatures, embed_splits, fit_candidate
+from vlrouter.core.recipe import SplitFeatures, embed_splits, fit_candidate, layers_to_embed
 
 # ---- settings (env, set by modal_run before import) -------------------------------------
 
@@ -238,10 +238,10 @@ def process_shard(shard: int, *, num_shards: int, dataset: str, base_model: str,
 
 
 @app.function(**function_options("embed"))
-def embed(dataset: str, run_id: str, base_model: str, *, pooling: str = "mean", layer: int = -1,
+def embed(dataset: str, run_id: str, base_model: str, *, layer: str | int = "auto",
           dtype: str | None = None, revision: str | None = None, batch_size: int = 8, workers: int = 1,
           data_root: str = DATA_ROOT) -> dict[str, Any]:
-    """GPU: pooled features of every sample, into the content-addressed feature cache.
+    """GPU: every pooled view of every sample at the layers ``router.layer`` asks for, into the feature cache.
 
     1. Samples that ``process_shard`` prepared and the cache lacks are forwarded in
        batches of ``batch_size``: :func:`~vlrouter.core.features.collate` +
@@ -262,9 +262,11 @@ def embed(dataset: str, run_id: str, base_model: str, *, pooling: str = "mean", 
     _sync(root, "reload")
     ds_dir = root / DATASETS_DIR / safe_name(dataset)
     pre_root = root / PREPROCESSED_DIR / safe_name(dataset) / model_slug(base_model, revision)
-    encoder = Encoder.load(base_model, pooling=pooling, layer=layer, dtype=dtype, revision=revision)
+    encoder = Encoder.load(base_model, dtype=dtype, revision=revision)
     fp = encoder.fingerprint()
     cache = FeatureCache(root / FEATURE_CACHE_DIR, fp)
+    layers = layers_to_embed(layer, encoder.num_layers)
+    names = [view_key(v, n) for n in layers for v in VIEWS]
     items = dataset_items(ds_dir)
 
     missing: dict[str, Path] = {}
@@ -273,9 +275,8 @@ def embed(dataset: str, run_id: str, base_model: str, *, pooling: str = "mean", 
         if path.is_file():
             with safe_open(str(path), framework="pt") as f:
                 key = feature_key(fp, f.metadata()["digest"], s.prompt)
-            if not cache.has(key):
+            if cache.get(key, names) is None:
                 missing.setdefault(key, path)
-    pad_id = encoder.processor.tokenizer.pad_token_id or 0
     todo = list(missing.items())
     for start in range(0, len(todo), batch_size):
         part = todo[start:start + batch_size]
@@ -283,10 +284,11 @@ def embed(dataset: str, run_id: str, base_model: str, *, pooling: str = "mean", 
         for _, path in part:
             with safe_open(str(path), framework="pt") as f:
                 prepared.append({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open: no __iter__)
-        for (key, path), feat in zip(part, encoder.embed_prepared(collate(prepared, pad_id))):
-            cache.put(key, feat, meta={"id": path.stem})
+        embed_prepared_items(encoder, cache, [key for key, _ in part], prepared, layers, batch_size=len(part),
+                             ids=[path.stem for _, path in part])
 
-    features = embed_splits(ds_dir, encoder, root / FEATURE_CACHE_DIR, workers=workers, batch_size=batch_size)
+    features = embed_splits(ds_dir, encoder, root / FEATURE_CACHE_DIR, layers=layers, workers=workers,
+                            batch_size=batch_size)
     out = features.to_file(root / FEATURE_RUNS_DIR / f"{safe_name(run_id)}.safetensors")
     _sync(root, "commit")
     forwarded = len(todo) + int(features.stats["forwarded"])
@@ -298,8 +300,7 @@ def embed(dataset: str, run_id: str, base_model: str, *, pooling: str = "mean", 
         "encoder_fingerprint": fp,
         "hidden_size": encoder.hidden_size,
         "dtype": encoder.dtype_name,
-        "pooling": pooling,
-        "layer": layer,
+        "layers": layers,
         "samples": len(items),
         "embedded_new": forwarded,
         "reused_cached": len(items) - forwarded,

@@ -367,7 +367,7 @@ def finish_candidate(cand: Path, features: SplitFeatures, *, dataset_dir: Path,
                                    "embedded_new": int(features.stats.get("embedded_new", 0)),
                                    "reused_cached": int(features.stats.get("reused_cached", 0))})
     atomic_write_bytes(cand / META_FILE, (json.dumps(meta.model_dump(mode="json"), indent=2) + "\n").encode())
-    return Candidate(dir=cand, dataset_dir=ds.dir, meta=meta, val_features=features.val,
+    return Candidate(dir=cand, dataset_dir=ds.dir, meta=meta, val_views=features.val,
                      val_labels=list(features.val_y), stats={"embed": features.stats, "modal": modal_info})
 
 
@@ -408,7 +408,7 @@ def retrain_modal(request: RetrainRequest) -> Candidate:
             step = f"embedding on {gpu}"
             with prog.task(step, total=None):
                 embed_info = mapp.embed.remote(
-                    name, run_id, load_from, pooling=opts.pooling, layer=opts.layer, dtype=opts.dtype,
+                    name, run_id, load_from, layer=opts.layer, dtype=opts.dtype,
                     revision=opts.base_model_revision, batch_size=opts.embed_batch_size,
                     workers=max(1, min(opts.workers, int(mapp.RESOURCES["embed"].get("cpu", 1)))))
             prog.log(f"features: embedded {embed_info['embedded_new']} new, "

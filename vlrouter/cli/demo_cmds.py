@@ -35,6 +35,8 @@ def _on_step(name: str, report) -> None:
         console.print(f"validation accuracy [bold]{r.val_acc:.3f}[/] over {', '.join(r.adapters)}; "
                       f"embedded {r.embedded_new} new samples, reused {r.reused_cached} cached; "
                       f"promoted: {r.promoted}")
+        console.print(f"representation chosen by cross-validation on the training split: {r.representation} "
+                      f"(solver {r.solver})", highlight=False)
         _step("router add-adapter settings-toggle")
     elif name == "add-adapter":
         r = report.add_adapter
@@ -80,7 +82,8 @@ def demo_cmd(
                                             base_model=base_model),
                       progress=RichProgress(console), on_step=_on_step)
     _step("done")
-    console.print(f"held-out routing accuracy {report.heldout_accuracy:.0%}, actions parsed "
-                  f"{report.parse_rate:.0%}; total {time.perf_counter() - start:.0f} s. "
+    console.print(f"held-out routing accuracy [bold]{report.heldout_accuracy:.1%}[/] on {report.heldout_n} "
+                  f"screenshots (ECE {report.heldout_ece:.3f} after temperature; {report.heldout_known:.0%} known), "
+                  f"actions parsed {report.parse_rate:.0%}; total {time.perf_counter() - start:.0f} s. "
                   f"Try: router act {report.acts[0]['image'] if report.acts else 'IMAGE'} \"...\" "
                   f"--registry {directory / 'registry.yaml'}")

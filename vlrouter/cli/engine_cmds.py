@@ -40,6 +40,14 @@ def _engine(registry, device):
     return engine
 
 
+def _known(known: bool, score: float | None, engine: Engine) -> str:
+    if score is None:
+        return "(OOD check off)"
+    limit = engine.ood.threshold
+    return (f"known (ood_score {score:.3g} <= {limit:.3g})" if known
+            else f"[yellow]unknown[/] (ood_score {score:.3g} > {limit:.3g})")
+
+
 def _probs_table(probs: dict[str, float], routed: str, acting: str | None = None) -> Table:
     """Every adapter's probability, highest first; marks the routed one and (for act) the one that acted."""
     table = Table(title="router probabilities", title_justify="left")
@@ -78,7 +86,8 @@ def route_cmd(
     if json_out:
         print_json(route.to_dict())
         return
-    console.print(f"adapter: [bold]{escape(route.adapter)}[/]  confidence: {route.confidence:.4f}")
+    console.print(f"adapter: [bold]{escape(route.adapter)}[/]  confidence: {route.confidence:.4f}  "
+                  f"{_known(route.known, route.ood_score, engine)}")
     console.print(_probs_table(route.probs, route.adapter))
 
 
@@ -98,10 +107,12 @@ def act_cmd(
     if json_out:
         print_json(action.to_dict())
         return
-    head = f"adapter: [bold]{escape(action.adapter)}[/]  confidence: {action.confidence:.4f}"
+    head = (f"adapter: [bold]{escape(action.adapter)}[/]  confidence: {action.confidence:.4f}  "
+            f"{_known(action.known, action.ood_score, engine)}")
     if action.fallback:
-        head += (f"  [yellow](router chose {escape(action.routed)} below router.min_confidence="
-                 f"{engine.min_confidence}; fallback: {escape(engine.fallback)})[/]")
+        why = "the input is unlike the training data" if not action.known else \
+            f"below router.min_confidence={engine.min_confidence}"
+        head += f"  [yellow](router chose {escape(action.routed)}, {why}; fallback: {escape(engine.fallback)})[/]"
     console.print(head)
     console.print(_probs_table(action.probs, action.routed, action.adapter))
     console.print(f"text:   {escape(repr(action.text))}")

@@ -156,6 +156,9 @@ def status_cmd(
     line = f"{len(router['adapters'])} adapters ({', '.join(router['adapters'])}), created {router.get('created_at')}"
     if acc is not None:
         line += f", val acc {acc:.3f}"
+    line += f"; reads {router['representation']}"
+    if router.get("cv_acc") is not None:
+        line += f" (chosen by CV, {router['cv_acc']:.3f})"
     console.print(head + line, highlight=False, soft_wrap=True)
     if state == "stale":
         console.print(f"[bold yellow]STALE[/]: {escape(router['reason'])}", highlight=False, soft_wrap=True)

@@ -40,6 +40,7 @@ from vlrouter.core.metrics import plot_confusion
 from vlrouter.core.options import resolve_options
 from vlrouter.core.recipe import RetrainResult, build_dataset, evaluate_router, run_embed, run_retrain, run_train
 from vlrouter.core.registry import Registry
+from vlrouter.core.report import write_report
 from vlrouter.plugins.manager import get_backend, get_plugin_manager
 
 DatasetOpt = Annotated[Optional[Path], typer.Option(
@@ -86,7 +87,8 @@ def _report(result: RetrainResult, *, as_json: bool) -> None:
     if as_json:
         print_json({k: getattr(result, k) for k in ("promoted", "message", "router_dir", "candidate_dir",
                                                     "dataset_dir", "adapters", "val_acc", "live_val_acc",
-                                                    "embedded_new", "reused_cached", "backend", "metrics")})
+                                                    "embedded_new", "reused_cached", "backend", "representation",
+                                                    "solver", "metrics")})
         return
     _metrics_tables(result.metrics, f"validation ({result.metrics.get('n_val')} samples)")
     t = Table(show_header=False, title="router", title_justify="left")
@@ -97,6 +99,8 @@ def _report(result: RetrainResult, *, as_json: bool) -> None:
     live = _fmt(result.live_val_acc) if result.live_val_acc is not None else "- (not comparable)"
     t.add_row("live val accuracy", live)
     t.add_row("features", f"embedded {result.embedded_new} new, reused {result.reused_cached} cached")
+    t.add_row("representation", escape(f"{result.representation} (chosen by CV on the training split)"))
+    t.add_row("head", escape(f"{result.solver}; {result.metrics.get('val_known_rate', 1):.0%} of val known (OOD)"))
     if "eval" in result.metrics:
         ev = result.metrics["eval"]
         t.add_row("eval accuracy", f"{ev['accuracy']:.3f} on {ev['n']} held-out")
@@ -247,6 +251,9 @@ def eval_cmd(
     png: Annotated[Optional[Path], typer.Option(
         "--png", help="Where to write the confusion-matrix PNG "
                       "(default: <dataset>/eval/<split>_confusion.png).")] = None,
+    report_dir: Annotated[Optional[Path], typer.Option(
+        "--report", help="Write report.html (confusion, per-class P/R/F1, reliability diagram, every misrouted "
+                         "sample as a thumbnail) and misrouted.jsonl into this folder.")] = None,
     device: DeviceOpt = None,
     registry: RegistryOpt = DEFAULT_REGISTRY,
     as_json: JsonOpt = False,
@@ -254,18 +261,27 @@ def eval_cmd(
     """Score the live router on a routing dataset split: accuracy, per-class P/R/F1, confusion, ECE.
 
     Default: the newest routing dataset's val split. Prints the tables and writes the confusion matrix
-    as a PNG; ECE before and after the router's temperature. Reuses cached features."""
+    as a PNG; ECE before and after the router's temperature. Reuses cached features. --report DIR adds
+    a self-contained HTML report with the misrouted screenshots."""
     reg = Registry.load(registry)
     opts = resolve_options(reg, overrides(device=device))
     report = evaluate_router(reg, opts, dataset_dir=dataset, split=split.value, progress=RichProgress())
     out = png if png is not None else Path(report["dataset_dir"]) / "eval" / f"{split.value}_confusion.png"
     plot_confusion(report["metrics"], out, title=f"{Path(report['dataset_dir']).name} / {split.value}")
     report["png"] = str(out)
+    if report_dir is not None:
+        report["report"] = str(write_report(report, report_dir))
     if as_json:
-        print_json(report)
+        print_json({k: v for k, v in report.items() if k != "samples"} |
+                   {"misrouted": [r for r in report["samples"] if r["routed"] != r["adapter"]]})
         return
     _metrics_tables(report["metrics"], f"router {escape(report['router_dir'])} on {split.value} "
                                        f"({report['metrics']['n']} samples)")
     console.print(f"features: embedded {report['embedded_new']} new, reused {report['reused_cached']} cached",
                   highlight=False)
+    console.print(f"representation: {escape(report['representation'])} (router.json pooling {report['pooling']}, "
+                  f"layer {report['layer']})", highlight=False)
     console.print(f"confusion matrix: {escape(str(out))}", highlight=False)
+    if "report" in report:
+        console.print(f"report: {escape(report['report'])} (misrouted samples: "
+                      f"{sum(r['routed'] != r['adapter'] for r in report['samples'])})", highlight=False)

@@ -48,12 +48,23 @@ from typing import Any
 import pluggy
 
 from vlrouter.core.actions import UIAction
-from vlrouter.core.encoder import build_inputs, encode_pooled, inner_vl_model, load_base_model, load_processor
+from vlrouter.core.encoder import (
+    TokenIds,
+    build_inputs,
+    encode_views,
+    inner_vl_model,
+    load_base_model,
+    load_processor,
+    num_text_layers,
+    resolve_layer,
+    view_key,
+)
 from vlrouter.core.errors import InputError, LowConfidenceError, RegistryError, StaleRouterError, located
 from vlrouter.core.images import open_image
 from vlrouter.core.lora import AdapterSource, check_adapter_checkpoint, load_adapters, vision_adapters
+from vlrouter.core.ood import OODModel
 from vlrouter.core.registry import Registry
-from vlrouter.core.store import META_FILE, RouterMeta, check_router_for, load_router
+from vlrouter.core.store import META_FILE, RouterMeta, check_router_for, read_router
 from vlrouter.plugins.manager import get_plugin_manager, parse_action
 
 __all__ = ["BASE", "Action", "Engine", "Route"]
@@ -67,14 +78,25 @@ FALLBACKS = ("base", "error")
 
 @dataclass(frozen=True)
 class Route:
-    """The router's answer: the top adapter, its probability, every adapter's probability."""
+    """The router's answer: the top adapter, its probability, every adapter's probability, and whether
+    the input looks like any adapter's training data at all.
+
+    ``ood_score`` (higher = less like the training data; ~1 for typical training inputs)
+    and ``known`` (``ood_score`` within the threshold calibrated on validation, so about
+    95 % of in-distribution inputs are known) come from :mod:`vlrouter.core.ood`; with
+    ``router.ood: off`` (or a router trained without it) ``ood_score`` is None and
+    ``known`` True.
+    """
 
     adapter: str
     confidence: float
     probs: dict[str, float]
+    ood_score: float | None = None
+    known: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        return {"adapter": self.adapter, "confidence": self.confidence, "probs": dict(self.probs)}
+        return {"adapter": self.adapter, "confidence": self.confidence, "probs": dict(self.probs),
+                "ood_score": self.ood_score, "known": self.known}
 
 
 @dataclass(frozen=True)
@@ -84,7 +106,8 @@ class Action:
     ``adapter`` is the adapter that generated ``text`` (``"base"`` for the base model);
     ``routed`` is the router's top choice -- they differ when ``router.fallback``
     applied because ``confidence`` (the router's probability for ``routed``) was below
-    ``router.min_confidence``. ``action`` is None when the text does not parse.
+    ``router.min_confidence``, or the input was not ``known`` (see :class:`Route`).
+    ``action`` is None when the text does not parse.
     ``timings`` holds ``route_ms`` (opening the image, processor, routing pass, head),
     ``generate_ms``, ``total_ms`` and ``vision_calls`` (vision-tower forwards during the
     call: 1 when the routing pass's image features were reused); for
@@ -98,6 +121,8 @@ class Action:
     timings: dict[str, float]
     routed: str = ""
     probs: dict[str, float] = field(default_factory=dict)
+    ood_score: float | None = None
+    known: bool = True
 
     @property
     def fallback(self) -> bool:
@@ -110,6 +135,8 @@ class Action:
             "fallback": self.fallback,
             "confidence": self.confidence,
             "probs": dict(self.probs),
+            "ood_score": self.ood_score,
+            "known": self.known,
             "text": self.text,
             "action": None if self.action is None else {"name": self.action.name, "args": dict(self.action.args),
                                                         "call": str(self.action)},
@@ -128,7 +155,7 @@ class Engine:
     """
 
     def __init__(self, model, processor, head, meta: RouterMeta, *, plugin_manager: pluggy.PluginManager | None = None,
-                 min_confidence: float = 0.0, fallback: str = "base") -> None:
+                 min_confidence: float = 0.0, fallback: str = "base", ood: OODModel | None = None) -> None:
         import torch
 
         if not hasattr(model, "peft_config") or not hasattr(model, "disable_adapter"):
@@ -154,10 +181,22 @@ class Engine:
         if meta.temperature <= 0:
             raise InputError(located(META_FILE, "temperature", f"{meta.temperature} must be > 0",
                                      fix="run `router retrain`"))
+        n_layers = num_text_layers(model)
+        if meta.num_layers is None:  # a format-1 router: its layer may count from the end
+            meta = meta.model_copy(update={"num_layers": n_layers})
+        self.representation = meta.representation()
+        resolve_layer(self.representation.layer, n_layers, where=f"{META_FILE}: layer")
+        width = self.representation.width(hidden)
+        if meta.head.in_dim != width:
+            raise StaleRouterError(located(META_FILE, "head.in_dim", f"the head reads {meta.head.in_dim} features, "
+                                           f"but {self.representation.label} gives {width}",
+                                           fix="run `router retrain`"))
         self.model = model
         self.processor = processor
         self.head = head.to("cpu").float().eval()
         self.meta = meta
+        self.ood = ood
+        self.token_ids = TokenIds.of(model.get_base_model(), processor)
         self.min_confidence = float(min_confidence)
         self.fallback = fallback
         self.plugin_manager = plugin_manager if plugin_manager is not None else get_plugin_manager()
@@ -186,7 +225,8 @@ class Engine:
         if not m.adapters:
             raise RegistryError(located(reg.path, "adapters", "no adapters registered",
                                         fix="add one with `router add-adapter NAME`"))
-        head, meta = load_router(reg.router_dir)
+        router = read_router(reg.router_dir)
+        meta = router.meta
         check_router_for(meta, reg)
         sources = [
             AdapterSource(a.name, reg.resolve(a.checkpoint), reg.path, f"adapters[{i}].checkpoint",
@@ -206,8 +246,9 @@ class Engine:
         model = load_adapters(base, sources)
         if plugin_manager is None:
             plugin_manager = get_plugin_manager(reg)
-        return cls(model, processor, head, meta, plugin_manager=plugin_manager,
-                   min_confidence=m.router.min_confidence, fallback=m.router.fallback)
+        return cls(model, processor, router.head, meta, plugin_manager=plugin_manager,
+                   min_confidence=m.router.min_confidence, fallback=m.router.fallback,
+                   ood=router.ood if m.router.ood != "off" else None)
 
     # ---- properties ---------------------------------------------------------------------
     @property
@@ -239,20 +280,29 @@ class Engine:
 
     # ---- routing ------------------------------------------------------------------------
     def _features(self, batch):
-        """Pooled base-model features, adapters disabled, exactly as for training."""
+        """The head's input ``[B, D]`` and the ``image-std`` view (None without OOD): the router's views at its
+        layer, base model with adapters disabled, exactly as for training; the pass stops after that layer."""
+        rep = self.representation
+        wanted = tuple(dict.fromkeys(rep.views + (("image-std",) if self.ood is not None else ())))
         with self.model.disable_adapter():
-            return encode_pooled(self.model, batch, layer=self.meta.layer, pooling=self.meta.pooling)
+            views = encode_views(self.model, batch, [rep.layer], wanted, token_ids=self.token_ids)
+        return rep.features(views), views.get(view_key("image-std", rep.layer))
 
-    def _routes(self, feats) -> list[Route]:
+    def _routes(self, feats, content=None) -> list[Route]:
+        """Routes from the head's features (and the screenshot's ``image-std`` view, for the OOD score)."""
         torch = self._torch
         with torch.inference_mode():
             logits = self.head(feats.float())
             probs = torch.softmax(logits / float(self.meta.temperature), dim=-1)
+            scores = (self.ood.score(self.head[0](feats.float()), content).tolist()
+                      if self.ood is not None else None)
         out = []
-        for row in probs.tolist():
+        for i, row in enumerate(probs.tolist()):
             best = max(range(len(row)), key=row.__getitem__)
+            score = float(scores[i]) if scores is not None else None
             out.append(Route(self.meta.adapters[best], float(row[best]),
-                             {n: float(p) for n, p in zip(self.meta.adapters, row)}))
+                             {n: float(p) for n, p in zip(self.meta.adapters, row)}, ood_score=score,
+                             known=score is None or score <= self.ood.threshold))
         return out
 
     def embed(self, images: Sequence, prompts: Sequence[str]):
@@ -262,7 +312,7 @@ class Engine:
                                      fix="pass one image per prompt"))
         batch = self._prepare(list(zip(images, prompts)))
         with self._lock:
-            return self._features(batch)
+            return self._features(batch)[0]
 
     def route(self, image, prompt: str) -> Route:
         """Which adapter should act on (image, prompt). ``image``: a PIL image, a path or bytes."""
@@ -271,15 +321,22 @@ class Engine:
     def route_batch(self, items: Sequence[tuple[Any, str]]) -> list[Route]:
         batch = self._prepare(items)
         with self._lock:
-            return self._routes(self._features(batch))
+            return self._routes(*self._features(batch))
 
     # ---- acting -------------------------------------------------------------------------
     def _decide(self, route: Route, index: int | None = None) -> str:
-        """The adapter that generates: the routed one, or ``router.fallback`` below ``min_confidence``."""
-        if route.confidence >= self.min_confidence:
+        """The adapter that generates: the routed one, or ``router.fallback`` when the input is not known
+        (unlike any adapter's data) or the confidence is below ``min_confidence``."""
+        if route.known and route.confidence >= self.min_confidence:
             return route.adapter
         if self.fallback == "error":
             item = f"item {index}: " if index is not None else ""
+            if not route.known:
+                raise LowConfidenceError(located(
+                    None, "router.fallback", f"{item}the input is unlike every adapter's training data (ood_score "
+                    f"{route.ood_score:.3g} > threshold {self.ood.threshold:.3g}) and router.fallback is 'error'",
+                    fix="set router.fallback to base or an adapter, add such screenshots to an adapter's dataset "
+                        "and `router retrain`, or set router.ood: off"))
             raise LowConfidenceError(located(
                 None, "router.fallback", f"{item}router confidence {route.confidence:.3f} for {route.adapter!r} is "
                 f"below router.min_confidence={self.min_confidence} and router.fallback is 'error'",
@@ -371,7 +428,7 @@ class Engine:
         gen_kwargs = self._generation_kwargs(max_new_tokens, generate_kwargs)
         batch = self._prepare([(image, prompt)])
         with self._lock, self._reuse_image_features() as reuse:
-            route = self._routes(self._features(batch))[0]
+            route = self._routes(*self._features(batch))[0]
             adapter = self._decide(route)
             t1 = time.perf_counter()
             reuse["enabled"] = adapter not in self.vision_adapters
@@ -381,7 +438,8 @@ class Engine:
         t3 = time.perf_counter()
         timings = {"route_ms": (t1 - t0) * 1e3, "generate_ms": (t2 - t1) * 1e3, "total_ms": (t3 - t0) * 1e3,
                    "vision_calls": reuse["vision_calls"]}
-        return Action(adapter, route.confidence, text, parsed, timings, routed=route.adapter, probs=route.probs)
+        return Action(adapter, route.confidence, text, parsed, timings, routed=route.adapter, probs=route.probs,
+                      ood_score=route.ood_score, known=route.known)
 
     def act_batch(self, items: Sequence[tuple[Any, str]], max_new_tokens: int = 64, **generate_kwargs) -> list[Action]:
         """Route every (image, prompt), then generate them all in ONE call with mixed adapters.
@@ -398,7 +456,7 @@ class Engine:
         gen_kwargs = self._generation_kwargs(max_new_tokens, generate_kwargs)
         batch = self._prepare(items)
         with self._lock, self._reuse_image_features() as reuse:
-            routes = self._routes(self._features(batch))
+            routes = self._routes(*self._features(batch))
             chosen = [self._decide(r, i) for i, r in enumerate(routes)]
             t1 = time.perf_counter()
             touches_vision = bool(set(chosen) & self.vision_adapters)
@@ -417,7 +475,8 @@ class Engine:
         t3 = time.perf_counter()
         timings = {"route_ms": (t1 - t0) * 1e3, "generate_ms": (t2 - t1) * 1e3, "total_ms": (t3 - t0) * 1e3,
                    "vision_calls": reuse["vision_calls"], "batch_size": len(items)}
-        return [Action(a, r.confidence, t, p, dict(timings), routed=r.adapter, probs=r.probs)
+        return [Action(a, r.confidence, t, p, dict(timings), routed=r.adapter, probs=r.probs, ood_score=r.ood_score,
+                       known=r.known)
                 for a, r, t, p in zip(chosen, routes, texts, parsed)]
 
 

@@ -2,19 +2,22 @@
 
 This replaces the seed's preprocessing step, which saved one ``.pt`` pickle per
 sample holding the full processor output (``input_ids``, ``pixel_values``, …) and
-ran the encoder again on every training run. Here the *pooled feature* -- ``H``
-floats (4096 for Qwen3-VL-8B) instead of a pixel tensor of megabytes -- is stored,
-once, under a key that names exactly what produced it::
+ran the encoder again on every training run. Here the *pooled views* of one forward
+pass -- ``H`` floats each (4096 for Qwen3-VL-8B) instead of a pixel tensor of megabytes
+-- are stored, once, under a key that names exactly what produced them::
 
     key = sha256(encoder.fingerprint(), image_digest(decoded pixels), prompt)
-    <cache_dir>/<encoder_fp>/<key[:2]>/<key>.safetensors     (one tensor "feature" [H], fp32)
+    <cache_dir>/<encoder_fp>/<key[:2]>/<key>.safetensors   (one tensor per view@layer, e.g. "image-mean@2")
 
 so the same screenshot + instruction is never embedded twice: not on a re-run, not
 after an interrupted run (entries are written atomically, temp file + ``os.replace``,
 so a crash leaves whole entries or none), not when an adapter is added (only its
-samples are new), not across routing datasets. Anything that changes a feature --
-base weights, processor settings, pooling, layer, dtype -- changes the encoder
-fingerprint and so the folder.
+samples are new), not across routing datasets, and not when the router's pooling or
+layer changes (every view of the embedded layers is in the entry). Anything that changes
+a view -- base weights, processor settings, dtype, the entry format -- changes the
+encoder fingerprint and so the folder: entries of the old single-vector format live in
+another folder and are re-embedded, never misread. An entry missing a layer that is
+asked for later is re-embedded and rewritten with the union.
 
 Two stages, kept apart so a remote backend can fan the CPU stage out:
 
@@ -41,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlrouter.core.atomic import atomic_target
-from vlrouter.core.encoder import Encoder, build_inputs, load_processor
+from vlrouter.core.encoder import VIEWS, Encoder, build_inputs, load_processor, resolve_layer, view_key
 from vlrouter.core.errors import ImageError, InputError, TrainingError, located
 from vlrouter.core.images import image_digest, open_image
 from vlrouter.core.progress import Progress, progress_or_null
@@ -51,7 +54,6 @@ if TYPE_CHECKING:
 
     from vlrouter.core.data import Sample
 
-FEATURE_TENSOR = "feature"
 SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 MP_CONTEXT = "spawn"  # never fork a process that holds torch threads / a model
 # Worker processes start only for at least this many samples to decode/process: each
@@ -70,7 +72,7 @@ def feature_key(encoder_fp: str, image_digest: str, prompt: str) -> str:
 
 
 class FeatureCache:
-    """One folder per encoder fingerprint; one safetensors file per sample feature."""
+    """One folder per encoder fingerprint; one safetensors file per sample holding its views."""
 
     def __init__(self, root: str | Path, encoder_fp: str) -> None:
         self.root = Path(root)
@@ -83,26 +85,35 @@ class FeatureCache:
     def has(self, key: str) -> bool:
         return self.path(key).is_file()
 
-    def get(self, key: str) -> torch.Tensor | None:
-        """The feature, or None when absent or unreadable (then it is simply embedded again)."""
+    def get_all(self, key: str) -> dict[str, torch.Tensor] | None:
+        """Every view stored for ``key``; None when absent or unreadable (then it is simply embedded again)."""
         from safetensors.torch import load_file
 
         p = self.path(key)
         if not p.is_file():
             return None
         try:
-            return load_file(str(p))[FEATURE_TENSOR]
+            return load_file(str(p))
         except Exception:
             return None
 
-    def put(self, key: str, feature: torch.Tensor, *, meta: dict[str, str] | None = None) -> Path:
-        """Write one entry atomically (temp file in the same folder, then ``os.replace``)."""
+    def get(self, key: str, names: Sequence[str]) -> dict[str, torch.Tensor] | None:
+        """The views ``names`` of ``key``; None when the entry lacks any of them."""
+        entry = self.get_all(key)
+        if entry is None or any(n not in entry for n in names):
+            return None
+        return {n: entry[n] for n in names}
+
+    def put(self, key: str, views: dict[str, torch.Tensor], *, meta: dict[str, str] | None = None) -> Path:
+        """Write one entry atomically (temp file in the same folder, then ``os.replace``), keeping views
+        already stored for ``key`` that ``views`` does not replace."""
         from safetensors.torch import save_file
 
+        merged = dict(self.get_all(key) or {})
+        merged.update({n: t.detach().float().cpu().contiguous() for n, t in views.items()})
         p = self.path(key)
         with atomic_target(p) as tmp:
-            save_file({FEATURE_TENSOR: feature.detach().float().cpu().contiguous()}, str(tmp),
-                      metadata={"encoder": self.encoder_fp, **(meta or {})})
+            save_file(merged, str(tmp), metadata={"encoder": self.encoder_fp, **(meta or {})})
         return p
 
     def __len__(self) -> int:
@@ -192,20 +203,22 @@ def collate(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict
 
 
 def embed_prepared_items(encoder: Encoder, cache: FeatureCache, keys: Sequence[str],
-                         items: Sequence[dict[str, torch.Tensor]], *, batch_size: int = 8,
-                         ids: Sequence[str] | None = None) -> list[torch.Tensor]:
+                         items: Sequence[dict[str, torch.Tensor]], layers: Sequence[int], *, batch_size: int = 8,
+                         ids: Sequence[str] | None = None) -> list[dict[str, torch.Tensor]]:
     """GPU stage: forward per-sample items from :func:`prepare_shard` (made in any process or
-    container) ``batch_size`` at a time, store each feature under its key; return them in order."""
+    container) ``batch_size`` at a time, store every view at ``layers`` under each key; return
+    the views per item, in order."""
     if len(keys) != len(items):
         raise InputError(located(None, "keys", f"{len(keys)} keys for {len(items)} prepared items",
                                  fix="pass one cache key per prepared item"))
     pad_id = encoder.processor.tokenizer.pad_token_id or 0
-    out: list[torch.Tensor] = []
+    out: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(items), batch_size):
-        feats = encoder.embed_prepared(collate(items[start:start + batch_size], pad_id))
-        for i, f in enumerate(feats, start):
-            cache.put(keys[i], f, meta={"id": str(ids[i])} if ids is not None else None)
-            out.append(f)
+        views = encoder.embed_prepared(collate(items[start:start + batch_size], pad_id), layers)
+        for row, i in enumerate(range(start, min(start + batch_size, len(items)))):
+            one = {name: t[row] for name, t in views.items()}
+            cache.put(keys[i], one, meta={"id": str(ids[i])} if ids is not None else None)
+            out.append(one)
     return out
 
 
@@ -260,18 +273,20 @@ def sample_keys(encoder: Encoder, samples: Sequence[Sample], *, pool: Executor |
 
 
 def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCache | str | Path, *,
-                  workers: int = 1, batch_size: int = 8,
-                  progress: Progress | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Features ``[N, H]`` (fp32, sample order) for ``samples``, embedding only cache misses.
+                  layers: Sequence[int], workers: int = 1, batch_size: int = 8,
+                  progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every view at ``layers`` for ``samples``: ``{"view@layer": [N, H]}`` (fp32, sample order).
 
-    ``cache`` is a :class:`FeatureCache` for this encoder's fingerprint, or the cache
-    root folder. Image decoding, hashing and the processor run in ``workers``
-    processes (in-process for 1, or while fewer than :data:`POOL_MIN_SAMPLES` samples
-    need it: worker start-up costs seconds); the forward runs here, ``batch_size`` samples at a
-    time, and each entry is written as soon as its batch is done (an interrupted run
-    resumes). Stats: ``embedded_new`` (samples not in the cache at the start),
-    ``reused_cached`` (samples found; an unreadable entry counts as new),
-    ``forwarded`` (distinct entries computed), ``seconds``.
+    Only cache misses are embedded: samples whose entry is absent, unreadable, or lacks one
+    of the asked layers (it is then rewritten with the union). ``cache`` is a
+    :class:`FeatureCache` for this encoder's fingerprint, or the cache root folder. Image
+    decoding, hashing and the processor run in ``workers`` processes (in-process for 1, or
+    while fewer than :data:`POOL_MIN_SAMPLES` samples need it: worker start-up costs
+    seconds); the forward runs here, ``batch_size`` samples at a time, stopping after the
+    deepest asked layer, and each entry is written as soon as its batch is done (an
+    interrupted run resumes). Stats: ``embedded_new`` (samples embedded this time),
+    ``reused_cached`` (samples found with every asked view), ``forwarded`` (distinct entries
+    computed), ``seconds``, ``layers``.
     """
     import torch
 
@@ -285,6 +300,9 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
     elif cache.encoder_fp != fp:
         raise InputError(located(cache.dir, None, f"this feature cache belongs to encoder {cache.encoder_fp}, not {fp}",
                                  fix="FeatureCache(root, encoder.fingerprint())"))
+    n_layers = encoder.num_layers
+    layers = sorted({resolve_layer(layer, n_layers) for layer in layers})
+    names = [view_key(v, layer) for layer in layers for v in VIEWS]
     prog = progress_or_null(progress)
     samples = list(samples)
     pool: ProcessPoolExecutor | None = None
@@ -296,7 +314,7 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
         return pool
 
     todo: list[tuple[str, Sample]] = []
-    have: dict[str, torch.Tensor] = {}
+    have: dict[str, dict[str, torch.Tensor]] = {}
     try:
         keys = sample_keys(encoder, samples, pool=pool_for(len(samples)), workers=workers, progress=progress,
                            encoder_fp=fp)
@@ -306,12 +324,12 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
             if k in have or k in missing:
                 n_new += k in missing
                 continue
-            f = cache.get(k)  # None when absent or unreadable: embedded again
-            if f is None:
+            views = cache.get(k, names)  # None when absent, unreadable or short of a layer: embedded again
+            if views is None:
                 n_new += 1
                 missing[k] = s
             else:
-                have[k] = f
+                have[k] = views
         todo = list(missing.items())
         if todo:
             chunks = _chunks(todo, batch_size)
@@ -323,9 +341,9 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
                 run = _prepare_job
             with prog.task("embedding new samples", total=len(todo)) as t:
                 for part, prepared in zip(chunks, _ordered_map(stage_pool, run, jobs, window=2 * workers)):
-                    feats = embed_prepared_items(encoder, cache, [k for k, _ in part], prepared,
+                    views = embed_prepared_items(encoder, cache, [k for k, _ in part], prepared, layers,
                                                  batch_size=len(part), ids=[s.id for _, s in part])
-                    have.update(zip((k for k, _ in part), feats))
+                    have.update(zip((k for k, _ in part), views))
                     t.advance(len(part))
     except BrokenProcessPool as e:
         raise TrainingError(located(None, "train.workers", f"a feature worker process died ({e}); entries embedded "
@@ -334,18 +352,21 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    feats = torch.stack([have[k] for k in keys]) if keys else torch.zeros(0, encoder.hidden_size)
+    h = encoder.hidden_size
+    feats = {n: torch.stack([have[k][n] for k in keys]) if keys else torch.zeros(0, h) for n in names}
     stats = {"embedded_new": n_new, "reused_cached": len(samples) - n_new, "forwarded": len(todo),
-             "seconds": round(time.perf_counter() - t0, 3), "workers": workers if pool is not None else 1}
+             "seconds": round(time.perf_counter() - t0, 3), "workers": workers if pool is not None else 1,
+             "layers": layers}
     prog.log(f"features: embedded {stats['embedded_new']} new, reused {stats['reused_cached']} cached")
     return feats, stats
 
 
-def check_features(feats: torch.Tensor, where: str | Path) -> None:
+def check_features(views: dict[str, torch.Tensor], where: str | Path) -> None:
     """Refuse NaN/inf features (a broken base model or dtype overflow) before training on them."""
     import torch
 
-    if feats.numel() and not torch.isfinite(feats).all():
-        bad = int((~torch.isfinite(feats)).any(dim=1).sum())
-        raise InputError(located(where, None, f"{bad} feature rows contain NaN/inf",
-                                 fix="load the base model in float32 (router.dtype: float32)"))
+    for name, feats in views.items():
+        if feats.numel() and not torch.isfinite(feats).all():
+            bad = int((~torch.isfinite(feats)).any(dim=1).sum())
+            raise InputError(located(where, name, f"{bad} feature rows contain NaN/inf",
+                                     fix="load the base model in float32 (router.dtype: float32)"))

@@ -24,6 +24,11 @@ class HeadShape(BaseModel):
     num_labels: int
 
 
+def standardize_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std (clamped away from 0) of ``x``: what the head's Standardize layer holds."""
+    return x.mean(0), (x.std(0).clamp_min(1e-6) if x.shape[0] > 1 else x.new_ones(x.shape[1]))
+
+
 def _standardize_cls():
     from torch import nn
 
@@ -43,8 +48,9 @@ def _standardize_cls():
             self.register_buffer("std", torch.ones(dim))
 
         def fit(self, feats) -> None:
-            self.mean.copy_(feats.mean(0))
-            self.std.copy_(feats.std(0).clamp_min(1e-6) if feats.shape[0] > 1 else self.std)
+            mean, std = standardize_stats(feats)
+            self.mean.copy_(mean)
+            self.std.copy_(std)
 
         def forward(self, x):
             return (x - self.mean) / self.std

@@ -136,3 +136,48 @@ def plot_confusion(metrics: dict[str, Any], path: str | Path, *, title: str = "r
     finally:
         plt.close(fig)
     return out
+
+
+def reliability_bins(probs: torch.Tensor, labels, bins: int = 10) -> list[dict[str, float]]:
+    """Equal-width confidence bins: ``{lo, hi, n, confidence, accuracy}`` each (the reliability diagram's data)."""
+    y = as_labels(labels)
+    conf, pred = probs.double().max(1)
+    correct = (pred == y).double()
+    out = []
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        sel = (conf > lo) & (conf <= hi) if b else (conf >= lo) & (conf <= hi)
+        n = int(sel.sum())
+        out.append({"lo": lo, "hi": hi, "n": n, "confidence": float(conf[sel].mean()) if n else float("nan"),
+                    "accuracy": float(correct[sel].mean()) if n else float("nan")})
+    return out
+
+
+def plot_reliability(bins: list[dict[str, float]], path: str | Path, *, title: str = "reliability") -> Path:
+    """The reliability diagram as a PNG: accuracy per confidence bin against the diagonal."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    try:
+        ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfect calibration")
+        filled = [b for b in bins if b["n"]]
+        ax.bar([(b["lo"] + b["hi"]) / 2 for b in filled], [b["accuracy"] for b in filled],
+               width=[b["hi"] - b["lo"] for b in filled], edgecolor="black", alpha=0.7, label="accuracy")
+        ax.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], "o", color="tab:red",
+                markersize=4, label="mean confidence")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (after temperature)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(title)
+        ax.legend(loc="upper left", fontsize=7)
+        fig.tight_layout()
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=110)
+    finally:
+        plt.close(fig)
+    return out

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
 from vlrouter.core.errors import InputError, located
 from vlrouter.core.registry import Registry, TrainSection, suggest
+
+MINIBATCH_SETTINGS = ("lr", "batch_size", "patience", "eval_every")  # AdamW's knobs: naming one picks adamw
 
 
 class TrainOptions(TrainSection):
@@ -16,9 +18,17 @@ class TrainOptions(TrainSection):
 
     base_model: str
     base_model_revision: str | None = None
-    pooling: str = "mean"
-    layer: int = -1
+    pooling: str | list[str] = "auto"
+    layer: Literal["auto"] | int = "auto"
+    ood: str = "auto"
     dtype: str = "auto"
+    solver_reason: str = ""
+
+    @property
+    def pooling_views(self) -> list[str] | None:
+        """The explicit views (``router.pooling``), or None for auto."""
+        p = self.pooling
+        return None if p == "auto" else ([p] if isinstance(p, str) else list(p))
     device: str | None = None
     gpu: str | None = None  # Modal GPU type for --backend modal (else registry.yaml modal.gpu)
 
@@ -37,7 +47,8 @@ def resolve_options(registry: Registry, overrides: dict[str, Any] | None = None)
     m = registry.model
     values: dict[str, Any] = m.train.model_dump()
     values.update(base_model=registry.base_model, base_model_revision=m.base_model_revision,
-                  pooling=m.router.pooling, layer=m.router.layer, dtype=m.router.dtype)
+                  pooling=m.router.pooling, layer=m.router.layer, ood=m.router.ood, dtype=m.router.dtype)
+    given = set(m.train.model_fields_set)
     known = set(TrainOptions.model_fields)
     for key, value in (overrides or {}).items():
         if value is None:
@@ -49,6 +60,8 @@ def resolve_options(registry: Registry, overrides: dict[str, Any] | None = None)
         if field == "base_model" and os.path.exists(os.path.expanduser(str(value))):
             value = os.path.abspath(os.path.expanduser(str(value)))
         values[field] = value
+        given.add(field)
+    values["solver"], values["solver_reason"] = _solver(values, given)
     try:
         return TrainOptions.model_validate(values)
     except ValidationError as e:
@@ -57,3 +70,17 @@ def resolve_options(registry: Registry, overrides: dict[str, Any] | None = None)
         flag = "--" + name.replace("_", "-")
         raise InputError(located(None, name, f"{err['msg']} (got {values.get(name)!r})",
                                  fix=f"correct {flag} or train.{name} in registry.yaml")) from None
+
+
+def _solver(values: dict[str, Any], given: set[str]) -> tuple[str, str]:
+    """``train.solver: auto`` resolved: lbfgs for the linear head, unless a minibatch setting was given."""
+    solver = values.get("solver", "auto")
+    if solver != "auto":
+        return solver, f"train.solver: {solver}"
+    if values.get("head") == "mlp":
+        return "adamw", "the mlp head trains with AdamW"
+    named = [k for k in MINIBATCH_SETTINGS if k in given]
+    if named:
+        flags = ", ".join("--" + k.replace("_", "-") for k in named)
+        return "adamw", f"{flags} given (AdamW's settings, as in the seed)"
+    return "lbfgs", "default: L-BFGS on the L2-regularised logistic loss (converges; l2 by cross-validation)"

@@ -25,6 +25,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.reader import ReaderError
 
 from vlrouter.core.atomic import atomic_write_bytes  # noqa: F401  (re-exported: callers use registry.atomic_write_bytes)
+from vlrouter.core.encoder import VIEWS
 from vlrouter.core.errors import RegistryError, located
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
@@ -35,13 +36,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+
+
 class RouterSection(_Strict):
     dir: str = "runs/router"
-    pooling: Literal["mean", "last"] = "mean"
-    layer: int = -1
+    pooling: str | list[str] = "auto"  # auto, one view, or a list of views concatenated in that order
+    layer: Literal["auto"] | int = "auto"  # auto, or a hidden-state index (negative counts from the end)
+    ood: Literal["auto", "off"] = "auto"  # auto: flag inputs unlike any adapter's data (Route.known)
     min_confidence: float = Field(0.0, ge=0.0, le=1.0)
     fallback: str = "base"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @field_validator("pooling")
+    @classmethod
+    def _views(cls, v: str | list[str]) -> str | list[str]:
+        names = [v] if isinstance(v, str) else list(v)
+        if isinstance(v, str) and v == "auto":
+            return v
+        if not names:
+            raise ValueError(f"the view list is empty; name at least one of {', '.join(VIEWS)}, or write auto")
+        bad = [n for n in names if n not in VIEWS]
+        if bad:
+            raise ValueError(f"unknown view {bad[0]!r}; views are {', '.join(VIEWS)} (one, or a list), "
+                             "or auto (never token 0)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"view {next(n for n in names if names.count(n) > 1)!r} is listed twice")
+        return v
+
+    @property
+    def views(self) -> list[str] | None:
+        """The explicit views, or None for auto."""
+        p = self.pooling
+        return None if p == "auto" else ([p] if isinstance(p, str) else list(p))
 
 
 class TrainSection(_Strict):
@@ -55,6 +81,16 @@ class TrainSection(_Strict):
     seed: int = 0
     head: Literal["linear", "mlp"] = "linear"
     head_hidden: int = Field(512, ge=1)
+    solver: Literal["auto", "lbfgs", "adamw"] = "auto"  # auto: lbfgs, unless minibatch settings are given
+    l2: Literal["auto"] | float = "auto"  # L2 strength of the lbfgs head; auto: chosen by cross-validation
+    cv_folds: int = Field(5, ge=2)
+
+    @field_validator("l2")
+    @classmethod
+    def _l2(cls, v: str | float) -> str | float:
+        if v != "auto" and not (isinstance(v, (int, float)) and 0 < v < float("inf")):
+            raise ValueError(f"l2 must be auto or a positive finite number, got {v!r}")
+        return v
     train_samples: int | None = Field(None, ge=1)
     eval_samples: int | None = Field(None, ge=0)
     workers: int = Field(2, ge=1)
@@ -172,6 +208,10 @@ def _fix_for(err: dict, loc: tuple) -> str:
         return "use one of the allowed values"
     if etype == "value_error" and "duplicate" in str(err.get("msg", "")):
         return "rename or remove one of the two entries"
+    if loc[-1:] == ("pooling",) or loc[-2:-1] == ("pooling",):
+        return f"write auto, one of {', '.join(VIEWS)}, or a list of them"
+    if "layer" in loc:
+        return "write auto, or a layer number (1 = the first decoder layer; -1 = the last)"
     if loc and loc[-1] == "fallback":
         return "use base, error, or the name of an adapter listed under adapters:"
     return "correct the value"
@@ -498,8 +538,9 @@ def new_registry_text(base_model: str, adapters: list[AdapterEntry], **router_tr
         f"base_model: {base_model}",
         "router:",
         "  dir: runs/router          # head.safetensors + router.json",
-        "  pooling: mean             # mean | last (never token 0)",
-        "  layer: -1",
+        "  pooling: auto             # auto | a view | a list of views (never token 0)",
+        "  layer: auto               # auto | a layer number (-1 = the last)",
+        "  ood: auto                 # auto | off: flag inputs unlike any adapter's data",
         "  min_confidence: 0.0",
         "  fallback: base            # base | error | <adapter name>",
         "train:",

@@ -36,14 +36,24 @@ def router_state(registry: Registry) -> dict[str, Any]:
     except CheckpointError as e:
         out.update(state="unreadable", reason=str(e))
         return out
-    out.update(adapters=list(meta.adapters), created_at=meta.created_at, val_acc=meta.best_acc,
-               base_model=meta.base_model, pooling=meta.pooling, layer=meta.layer)
+    out.update(adapters=list(meta.adapters), created_at=meta.created_at, val_acc=meta.metrics.get("val_acc",
+                                                                                                  meta.best_acc),
+               base_model=meta.base_model, pooling=list(meta.pooling), layer=meta.layer, solver=meta.solver,
+               representation=meta.representation().label, cv_acc=_chosen_cv(meta.selection),
+               ood=(meta.ood or {}).get("threshold") is not None)
     try:
         check_router_for(meta, registry)
         out["state"] = "ok"
     except StaleRouterError as e:
         out.update(state="stale", reason=str(e))
     return out
+
+
+def _chosen_cv(selection: dict[str, Any]) -> float | None:
+    for c in selection.get("candidates", []):
+        if c["views"] == selection.get("views") and c["layer"] == selection.get("layer"):
+            return c["cv_acc"]
+    return None
 
 
 def registry_status(registry: Registry) -> dict[str, Any]:

@@ -26,18 +26,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock, Timeout
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vlrouter import __version__
 from vlrouter.core.atomic import atomic_write_bytes
+from vlrouter.core.encoder import Representation
 from vlrouter.core.errors import CheckpointError, LockHeldError, PromotionRefused, StaleRouterError, located
 from vlrouter.core.fit import as_labels
 from vlrouter.core.head import HeadShape, build_head, head_logits
+from vlrouter.core.ood import OODModel
 
 if TYPE_CHECKING:
     from vlrouter.core.registry import Registry
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pooling is a list of views, layer a hidden-state index, optional OOD statistics
 HEAD_FILE = "head.safetensors"
 META_FILE = "router.json"
 KEEP_VERSIONS = 3
@@ -51,11 +53,16 @@ class RouterMeta(BaseModel):
     format_version: int = FORMAT_VERSION
     adapters: list[str]
     base_model: str
-    pooling: str
-    layer: int
+    pooling: list[str]  # the views the head reads, concatenated in this order
+    layer: int  # hidden-state index they are pooled at (format 1 routers: may be negative, -1 = last)
+    num_layers: int | None = None  # the base model's decoder layers (None in format 1)
     hidden_size: int
     head: HeadShape
     temperature: float = 1.0
+    solver: str | None = None
+    l2: float | None = None
+    selection: dict[str, Any] = Field(default_factory=dict)  # every candidate's CV score, the chosen one
+    ood: dict[str, Any] | None = None  # OOD threshold and settings; its tensors are in head.safetensors
     best_loss: float | None = None
     best_acc: float | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -67,6 +74,19 @@ class RouterMeta(BaseModel):
     reused_cached: int = 0
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     vlrouter_version: str = ""
+
+
+    @field_validator("pooling", mode="before")
+    @classmethod
+    def _one_view_is_a_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v  # format 1 wrote one view as a string
+
+    def representation(self) -> Representation:
+        """The views and (resolved) layer the head reads."""
+        layer = self.layer
+        if layer < 0 and self.num_layers is not None:
+            layer = self.num_layers + 1 + layer
+        return Representation(tuple(self.pooling), layer)
 
 
 def _sniff(path: Path) -> str:
@@ -81,14 +101,19 @@ def _sniff(path: Path) -> str:
 
 # ---- writing and reading one router folder --------------------------------------------------
 
-def save_router(out_dir: str | Path, head, meta: RouterMeta) -> Path:
-    """Write ``head.safetensors`` + ``router.json`` into ``out_dir`` (a fresh folder), fsynced."""
+def save_router(out_dir: str | Path, head, meta: RouterMeta, ood: OODModel | None = None) -> Path:
+    """Write ``head.safetensors`` (+ the OOD statistics' tensors) + ``router.json`` into ``out_dir``, fsynced."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = meta.model_copy(update={"vlrouter_version": meta.vlrouter_version or __version__})
+    update: dict[str, Any] = {"vlrouter_version": meta.vlrouter_version or __version__}
+    if ood is not None:
+        update["ood"] = ood.meta()
+    meta = meta.model_copy(update=update)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
+    if ood is not None:
+        tensors.update({k: v.detach().float().cpu().contiguous() for k, v in ood.tensors().items()})
     save_file(tensors, str(out / HEAD_FILE), metadata={"format": "pt", "vlrouter_format_version": str(FORMAT_VERSION)})
     (out / META_FILE).write_text(json.dumps(meta.model_dump(mode="json"), indent=2) + "\n")
     for f in (out / HEAD_FILE, out / META_FILE):
@@ -133,8 +158,24 @@ def read_meta(router_dir: str | Path) -> RouterMeta:
     return meta
 
 
+@dataclass
+class Router:
+    """One router version, read whole: the head, router.json, and the OOD statistics when it has them."""
+
+    head: Any
+    meta: RouterMeta
+    ood: OODModel | None
+    dir: Path  # the version folder it was read from
+
+
 def load_router(router_dir: str | Path):
-    """Return ``(head, meta)`` of one router version; the head is an eval-mode fp32 module on CPU.
+    """Return ``(head, meta)`` of one router version (see :func:`read_router`)."""
+    r = read_router(router_dir)
+    return r.head, r.meta
+
+
+def read_router(router_dir: str | Path) -> Router:
+    """One router version; the head is an eval-mode fp32 module on CPU.
 
     The symlink is resolved once, so router.json and head.safetensors come from the same
     version even while another process promotes. Never unpickles.
@@ -154,14 +195,16 @@ def load_router(router_dir: str | Path):
                                       "weights only from safetensors, never from pickles",
                                       fix="retrain with `router retrain`, or import a seed checkpoint with "
                                           "`router import-seed-head`")) from None
+    extra = {k: v for k, v in state.items() if k.startswith("ood.")}
     head = build_head(meta.head)
     try:
-        head.load_state_dict(state, strict=True)
+        head.load_state_dict({k: v for k, v in state.items() if k not in extra}, strict=True)
     except RuntimeError as e:
         raise CheckpointError(located(hp, None, f"weights do not match router.json's head shape: "
                                       f"{str(e).splitlines()[0]}", fix="retrain with `router retrain`")) from None
     head.eval()
-    return head, meta
+    ood = OODModel.from_saved(extra, meta.ood, where=d / META_FILE) if meta.ood is not None else None
+    return Router(head=head, meta=meta, ood=ood, dir=d)
 
 
 # ---- compatibility ---------------------------------------------------------------------------
@@ -179,8 +222,12 @@ def same_base_model(recorded: str, registry: Registry) -> bool:
 
 
 def check_compatible(meta: RouterMeta, *, adapters: list[str], base_model: str | None = None,
-                     pooling: str | None = None, layer: int | None = None, where: str | Path = META_FILE) -> None:
-    """Raise :class:`StaleRouterError` when the router was trained for something else."""
+                     pooling: list[str] | None = None, layer: int | None = None,
+                     where: str | Path = META_FILE) -> None:
+    """Raise :class:`StaleRouterError` when the router was trained for something else.
+
+    ``pooling`` / ``layer`` are the registry's explicit settings (None for auto: any choice fits).
+    """
     fix = "run `router retrain`"
     if list(meta.adapters) != list(adapters):
         if set(meta.adapters) == set(adapters):
@@ -191,20 +238,26 @@ def check_compatible(meta: RouterMeta, *, adapters: list[str], base_model: str |
     if base_model is not None and meta.base_model != base_model:
         raise StaleRouterError(located(where, "base_model", f"stale router: trained on {meta.base_model!r}, "
                                        f"registry uses {base_model!r}", fix=fix))
-    if pooling is not None and meta.pooling != pooling:
-        raise StaleRouterError(located(where, "pooling", f"stale router: pooling {meta.pooling!r}, registry "
-                                       f"says {pooling!r}", fix=fix))
-    if layer is not None and meta.layer != layer:
-        raise StaleRouterError(located(where, "layer", f"stale router: layer {meta.layer}, registry says {layer}",
-                                       fix=fix))
+    if pooling is not None and list(meta.pooling) != list(pooling):
+        raise StaleRouterError(located(where, "pooling", f"stale router: pooling {meta.pooling}, registry "
+                                       f"says {list(pooling)}", fix=fix))
+    if layer is not None:
+        n = meta.num_layers
+        want = n + 1 + layer if (layer < 0 and n is not None) else layer
+        have = n + 1 + meta.layer if (meta.layer < 0 and n is not None) else meta.layer
+        if want != have:
+            raise StaleRouterError(located(where, "layer", f"stale router: layer {meta.layer}, registry says "
+                                           f"{layer}", fix=fix))
 
 
 def check_router_for(meta: RouterMeta, registry: Registry) -> None:
     """:func:`check_compatible` against ``registry`` (its adapters, base model, pooling and layer)."""
     m = registry.model
+    layer = m.router.layer
     check_compatible(meta, adapters=registry.adapter_names,
                      base_model=None if same_base_model(meta.base_model, registry) else m.base_model,
-                     pooling=m.router.pooling, layer=m.router.layer, where=registry.router_dir / META_FILE)
+                     pooling=m.router.views, layer=None if layer == "auto" else int(layer),
+                     where=registry.router_dir / META_FILE)
 
 
 # ---- versions and promotion --------------------------------------------------------------
@@ -276,11 +329,13 @@ class GateDecision:
     n_val: int | None
 
 
-def live_accuracy(live_dir: str | Path, candidate: RouterMeta, val_feats, val_labels) -> tuple[float | None, str]:
-    """The live router's accuracy on the candidate's validation features, read from ONE live version.
+def live_accuracy(live_dir: str | Path, candidate: RouterMeta, val_views, val_labels) -> tuple[float | None, str]:
+    """The live router's accuracy on the candidate's validation samples, read from ONE live version.
 
-    ``(None, why)`` when there is no live router, it does not load, or it is not
-    comparable (other labels, or features from another encoder).
+    ``val_views`` holds every view embedded for those samples (``{"view@layer": [N, H]}``),
+    so a live router that reads another representation is scored on its own features.
+    ``(None, why)`` when there is no live router, it does not load, or it is not comparable
+    (other labels, features from another encoder, or views this run did not embed).
     """
     live = Path(live_dir)
     if not (live / META_FILE).is_file():
@@ -293,16 +348,20 @@ def live_accuracy(live_dir: str | Path, candidate: RouterMeta, val_feats, val_la
         return None, f"the live router has other labels ({', '.join(meta.adapters)})"
     if meta.encoder_fingerprint != candidate.encoder_fingerprint:
         return None, "the live router used another encoder"
-    if val_feats is None or val_labels is None:
+    if val_views is None or val_labels is None:
         return None, "no validation features to compare on"
+    rep = meta.model_copy(update={"num_layers": meta.num_layers or candidate.num_layers}).representation()
+    if any(k not in val_views for k in rep.keys):
+        return None, f"the live router reads {rep.label}, which this run did not embed"
     try:
-        acc = float((head_logits(head, val_feats).argmax(1) == as_labels(val_labels)).float().mean())
+        feats = rep.features(val_views)
+        acc = float((head_logits(head, feats).argmax(1) == as_labels(val_labels)).float().mean())
     except RuntimeError:
         return None, "the live router does not fit these features"
     return acc, ""
 
 
-def promote_with_gate(candidate_dir: str | Path, live_dir: str | Path, *, val_feats=None, val_labels=None,
+def promote_with_gate(candidate_dir: str | Path, live_dir: str | Path, *, val_views=None, val_labels=None,
                       force: bool = False) -> GateDecision:
     """Promote the candidate unless it scored below the live router on the same validation samples.
 
@@ -314,7 +373,7 @@ def promote_with_gate(candidate_dir: str | Path, live_dir: str | Path, *, val_fe
     meta = read_meta(cand)
     val_acc = meta.metrics.get("val_acc")
     n_val = meta.metrics.get("n_val")
-    live_acc, note = live_accuracy(live, meta, val_feats, val_labels)
+    live_acc, note = live_accuracy(live, meta, val_views, val_labels)
 
     def fmt(a: float | None) -> str:
         return f"{a:.3f}" if isinstance(a, (int, float)) else "n/a"

@@ -1,0 +1,169 @@
+"""Out-of-distribution scores: how unlike every adapter's training data an input is.
+
+Softmax confidence says nothing about inputs unlike anything seen in training (a blank
+screenshot can get 0.99 for some adapter). Two distances are measured instead, each in
+units of its spread over the (in-distribution) validation split, and the larger counts:
+
+* **distance to the data** -- in the head's standardized input space, the squared
+  Mahalanobis distance to the nearest class mean under one shared covariance, estimated
+  from the training residuals and shrunk towards a scaled identity (Ledoit-Wolf). With
+  ``D`` dimensions and ``N`` samples (often ``D > N``) the covariance is kept as a
+  low-rank basis plus the identity, so it costs ``O(D·r)``::
+
+      Σ = (1 - α) S + α·μ·I,  S = V diag(s) V^T (rank r ≤ N),  μ = tr(S)/D
+      d(x) = min_c |z|² / (α μ) - Σ_k w_k (v_k·z)²,  z = x - m_c,  w_k = (1-α)s_k / (α μ ((1-α)s_k + α μ))
+
+  ``z_far = (log d(x) - mean) / sd`` (one-sided: only "farther than usual" is odd);
+* **screen content** -- how varied the screenshot's tokens are (the total variance of the
+  image tokens at the router's layer, the squared norm of the ``image-std`` view), two-sided:
+  a blank or near-uniform screenshot is as unlike a GUI as pure noise is.
+  ``z_content = |log v(x) - mean| / sd``.
+
+``ood_score = max(z_far, z_content)``: about 0-2 for typical inputs. The threshold is the
+validation split's ``quantile`` (default 95 %) score, so about 95 % of in-distribution
+inputs are ``known``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from vlrouter.core.errors import CheckpointError, located
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_RANK = 256  # covariance directions kept (the rest count as isotropic)
+QUANTILE = 0.95
+TENSORS = ("ood.means", "ood.basis", "ood.weights")
+
+
+@dataclass
+class OODModel:
+    """Class means, the covariance's low-rank part, the isotropic scale, the validation spreads and the threshold."""
+
+    means: torch.Tensor  # [C, D]
+    basis: torch.Tensor  # [D, r]
+    weights: torch.Tensor  # [r]
+    iso: float  # α·μ, the isotropic variance
+    threshold: float = float("inf")
+    quantile: float = QUANTILE
+    shrinkage: float = 0.0
+    far: tuple[float, float] = (0.0, 1.0)  # mean and sd of log distance over validation
+    content: tuple[float, float] | None = None  # mean and sd of log token variance (None: not measured)
+
+    def distance(self, x: torch.Tensor) -> torch.Tensor:
+        """Nearest-class squared Mahalanobis distance / D of standardized features ``x [N, D]`` (float64)."""
+        xd = x.double()
+        best = None
+        for m in self.means.double():
+            z = xd - m
+            d = (z * z).sum(1) / self.iso - ((z @ self.basis.double()) ** 2 * self.weights.double()).sum(1)
+            best = d if best is None else best.minimum(d)
+        return best.clamp_min(1e-12) / x.shape[1]
+
+    def score(self, x: torch.Tensor, content: torch.Tensor | None = None) -> torch.Tensor:
+        """``ood_score`` of standardized features ``x [N, D]`` and the image tokens' ``image-std`` view."""
+        import torch
+
+        z = (self.distance(x).log() - self.far[0]) / self.far[1]
+        if self.content is not None and content is not None:
+            zc = ((_log_variance(content) - self.content[0]) / self.content[1]).abs()
+            z = torch.maximum(z, zc)
+        return z
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(zip(TENSORS, (self.means.float(), self.basis.float(), self.weights.float())))
+
+    def meta(self) -> dict[str, Any]:
+        return {"method": "mahalanobis-shrunk+content", "threshold": self.threshold, "quantile": self.quantile,
+                "iso": self.iso, "shrinkage": self.shrinkage, "rank": int(self.basis.shape[1]),
+                "far": list(self.far), "content": list(self.content) if self.content is not None else None}
+
+    @classmethod
+    def from_saved(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any], where: Any = None) -> OODModel:
+        missing = [t for t in TENSORS if t not in tensors]
+        if missing or not isinstance(meta, dict) or "threshold" not in meta or "iso" not in meta:
+            raise CheckpointError(located(where, "ood", f"the OOD statistics are incomplete (missing "
+                                          f"{missing or 'meta'})",
+                                          fix="retrain with `router retrain`, or set router.ood: off"))
+        content = meta.get("content")
+        return cls(means=tensors["ood.means"], basis=tensors["ood.basis"], weights=tensors["ood.weights"],
+                   iso=float(meta["iso"]), threshold=float(meta["threshold"]),
+                   quantile=float(meta.get("quantile", QUANTILE)), shrinkage=float(meta.get("shrinkage", 0.0)),
+                   far=tuple(meta.get("far", (0.0, 1.0))), content=tuple(content) if content else None)
+
+
+def _log_variance(image_std: torch.Tensor) -> torch.Tensor:
+    """log of the image tokens' total variance, from the ``image-std`` view ``[N, H]``."""
+    return (image_std.double() ** 2).sum(1).clamp_min(1e-30).log()
+
+
+def _ledoit_wolf(r: torch.Tensor, gram: torch.Tensor) -> float:
+    """Ledoit-Wolf shrinkage intensity for the covariance of residuals ``r [N, D]`` (from their Gram matrix)."""
+    n, d = r.shape
+    mu = float(gram.trace()) / (n * d)
+    s_fro2 = float((gram * gram).sum()) / n ** 2  # |S|_F^2
+    delta2 = s_fro2 - 2 * mu * float(gram.trace()) / n + mu * mu * d  # |S - mu I|_F^2
+    norms = gram.diagonal()
+    beta2 = float((norms * norms).sum()) / n ** 2 - s_fro2 / n  # (1/n^2) sum |r r^T - S|_F^2
+    if delta2 <= 0:
+        return 1.0
+    return min(1.0, max(0.0, beta2 / delta2))
+
+
+def fit_ood(x: torch.Tensor, labels, num_labels: int) -> OODModel:
+    """Fit class means and the shrunk shared covariance on standardized training features ``x [N, D]``."""
+    import torch
+
+    xd = x.double()
+    y = torch.as_tensor(labels, dtype=torch.long)
+    means = torch.stack([xd[y == c].mean(0) for c in range(num_labels)])
+    r = xd - means[y]
+    n, d = r.shape
+    gram = r @ r.T
+    alpha = _ledoit_wolf(r, gram)
+    mu = float(gram.trace()) / (n * d)
+    evals, evecs = torch.linalg.eigh(gram / n)  # the nonzero eigenvalues of S = r^T r / n
+    order = evals.argsort(descending=True)[:MAX_RANK]
+    evals, evecs = evals[order], evecs[:, order]
+    keep = evals > 1e-10 * max(float(evals.max()), 1e-30)
+    evals, evecs = evals[keep], evecs[:, keep]
+    basis = (r.T @ evecs) / torch.sqrt(evals * n)  # orthonormal directions in feature space [D, r]
+    iso = max(alpha * mu, 1e-12)
+    s = (1 - alpha) * evals
+    weights = s / (iso * (s + iso))
+    return OODModel(means=means.float(), basis=basis.float(), weights=weights.float(), iso=iso, shrinkage=alpha)
+
+
+def _spread(v: torch.Tensor) -> tuple[float, float]:
+    return float(v.mean()), max(float(v.std()) if len(v) > 1 else 1.0, 1e-6)
+
+
+def calibrate(model: OODModel, val_x: torch.Tensor, val_content: torch.Tensor | None = None,
+              train_content: torch.Tensor | None = None, quantile: float = QUANTILE) -> OODModel:
+    """Measure each distance's spread (validation; content over train + validation) and set the threshold so
+    that ``quantile`` of the (in-distribution) validation inputs are known."""
+    import torch
+
+    model.far = _spread(model.distance(val_x).log())
+    if val_content is not None:
+        both = val_content if train_content is None else torch.cat([train_content, val_content])
+        model.content = _spread(_log_variance(both))
+    scores = model.score(val_x, val_content)
+    model.threshold = float(torch.quantile(scores, quantile))
+    model.quantile = quantile
+    return model
+
+
+def auroc(in_scores, out_scores) -> float:
+    """Area under the ROC curve of separating out- from in-distribution by score (higher = more OOD)."""
+    import torch
+
+    a = torch.as_tensor(in_scores, dtype=torch.float64).reshape(-1)
+    b = torch.as_tensor(out_scores, dtype=torch.float64).reshape(-1)
+    if not len(a) or not len(b):
+        return float("nan")
+    greater = (b[:, None] > a[None, :]).double().sum() + 0.5 * (b[:, None] == a[None, :]).double().sum()
+    return float(greater / (len(a) * len(b)))
