@@ -16,7 +16,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
@@ -26,39 +26,63 @@ from ruamel.yaml.reader import ReaderError
 
 from vlrouter.core.atomic import atomic_write_bytes  # noqa: F401  (re-exported: callers use registry.atomic_write_bytes)
 from vlrouter.core.errors import RegistryError, located
+from vlrouter.core.paths import check_regular_file, looks_like_local_path
+from vlrouter.core.yaml_limits import check_expansion
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 DEFAULT_REGISTRY = "registry.yaml"
+# Words with another meaning where adapter names appear: router.fallback / Action.adapter ("base",
+# "error") and the server's model field ("auto").
+RESERVED_NAMES = {"base": "the base model (router.fallback: base, Action.adapter)",
+                  "error": "router.fallback: error", "auto": "the server's `model: auto`"}
+PEFT_PREFIX = "lora_"  # peft re-initialises an adapter whose name is part of its parameter prefix
+MAX_REGISTRY_BYTES = 1 << 20  # registry.yaml is a page of settings, not data
+MAX_SEED = 2**63 - 1
+
+
+def adapter_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be an adapter name (a router label and a peft adapter name), or None."""
+    if not NAME_RE.match(name):
+        return f"adapter name {name!r} must match [a-z0-9][a-z0-9-]* (lowercase letters, digits, dashes)"
+    if len(name) > 64:
+        return f"adapter name {name!r} is longer than 64 characters"
+    if name in RESERVED_NAMES:
+        return f"adapter name {name!r} is reserved: it means {RESERVED_NAMES[name]}"
+    if name in PEFT_PREFIX:
+        return (f"adapter name {name!r} is part of peft's parameter prefix {PEFT_PREFIX!r}, which makes peft "
+                "re-initialise its weights")
+    return None
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RouterSection(_Strict):
     dir: str = "runs/router"
     pooling: Literal["mean", "last"] = "mean"
-    layer: int = -1
+    layer: int = Field(-1, ge=-10_000, le=10_000)
     min_confidence: float = Field(0.0, ge=0.0, le=1.0)
     fallback: str = "base"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_prompt_tokens: int = Field(4096, ge=1, le=1_000_000)
 
 
 class TrainSection(_Strict):
     backend: str = "local"
-    epochs: int = Field(100, ge=1)
-    batch_size: int = Field(8, ge=1)
+    epochs: int = Field(100, ge=1, le=1_000_000)
+    batch_size: int = Field(8, ge=1, le=1_000_000)
     lr: float = Field(1.0e-4, gt=0)
-    patience: int = Field(5, ge=1)
-    eval_every: int = Field(20, ge=1)
+    patience: int = Field(5, ge=1, le=1_000_000)
+    eval_every: int = Field(20, ge=1, le=1_000_000)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     head: Literal["linear", "mlp"] = "linear"
-    head_hidden: int = Field(512, ge=1)
-    train_samples: int | None = Field(None, ge=1)
-    eval_samples: int | None = Field(None, ge=0)
-    workers: int = Field(2, ge=1)
-    embed_batch_size: int = Field(8, ge=1)
+    head_hidden: int = Field(512, ge=1, le=65_536)
+    train_samples: int | None = Field(None, ge=1, le=1_000_000_000)
+    eval_samples: int | None = Field(None, ge=0, le=1_000_000_000)
+    workers: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] = "auto"  # "auto": chosen from the CPU count
+    embed_batch_size: int = Field(8, ge=1, le=65_536)
     datasets_dir: str = "datasets"
     cache_dir: str = ".features"
 
@@ -69,7 +93,7 @@ class ModalSection(_Strict):
     output_volume: str = "routing-output"
     checkpoints_volume: str = "moe-lora-checkpoints"
     gpu: str = "H100"
-    cpu_shards: int = Field(8, ge=1)
+    cpu_shards: int = Field(8, ge=1, le=10_000)
 
 
 class AdapterEntry(_Strict):
@@ -82,8 +106,9 @@ class AdapterEntry(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"adapter name {v!r} must match [a-z0-9][a-z0-9-]* (lowercase, digits, dashes)")
+        problem = adapter_name_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
 
@@ -192,11 +217,22 @@ class Registry:
     # ---- loading ----------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path = DEFAULT_REGISTRY) -> Registry:
+        """Read and validate registry.yaml. ``path`` may name the folder holding it."""
         p = Path(path)
+        if p.is_dir():
+            if not (p / DEFAULT_REGISTRY).is_file():
+                raise RegistryError(located(p, None, f"is a folder without a {DEFAULT_REGISTRY}",
+                                            fix=f"pass the registry file itself, e.g. {p / DEFAULT_REGISTRY}"))
+            p = p / DEFAULT_REGISTRY
         if not p.exists():
             raise RegistryError(located(p, None, "registry file not found",
                                         fix="create one (see README 'registry.yaml reference') or pass --registry"))
+        check_regular_file(p, what="registry", error=RegistryError, fix="pass a registry.yaml file")
         try:
+            size = p.stat().st_size
+            if size > MAX_REGISTRY_BYTES:
+                raise RegistryError(located(p, None, f"{size:,} bytes is far too large for a registry "
+                                            f"(limit {MAX_REGISTRY_BYTES:,})", fix="point --registry at registry.yaml"))
             raw = p.read_bytes()
         except OSError as e:
             raise RegistryError(located(p, None, f"cannot read: {e.strerror}", fix="check permissions")) from None
@@ -236,6 +272,7 @@ class Registry:
             kind = "a list" if isinstance(doc, list) else f"a {type(doc).__name__}"
             raise RegistryError(located(p, 1, f"top level is {kind}, not a mapping",
                                         fix="start the file with `base_model: ...` keys, not `- ...` or a bare value"))
+        check_expansion(doc, p)
         model = cls._validate(doc, p)
         return cls(p, model, doc, raw)
 
@@ -265,7 +302,8 @@ class Registry:
     # ---- queries ----------------------------------------------------------------------
     @property
     def root(self) -> Path:
-        return self.path.parent
+        """The registry's folder, absolute: paths in registry.yaml mean the same from any working directory."""
+        return Path(os.path.abspath(self.path.parent))
 
     def resolve(self, value: str | Path) -> Path:
         """A path from the registry, relative to the registry file's folder."""
@@ -296,10 +334,37 @@ class Registry:
 
     @property
     def base_model(self) -> str:
-        """Hub ids stay as they are; an existing relative folder resolves against the registry."""
+        """The base model to load: a hub id as written, or a local folder as an absolute path.
+
+        A value is a local folder when it exists (relative to the registry's folder), when
+        it can only be a path (``./m``, ``/m``, ``a/b/c``, …), or when its first part is a
+        folder beside the registry (``models/tiny`` with ``models/`` present) -- so a
+        missing local folder is reported as missing, never looked up on the Hub.
+        """
         bm = self.model.base_model
         local = self.resolve(bm)
-        return str(local) if local.exists() else bm
+        if local.exists() or self.base_model_is_local():
+            return str(local)
+        return bm
+
+    def base_model_is_local(self) -> bool:
+        """Whether ``base_model`` names a local folder (present or not) rather than a hub id."""
+        bm = self.model.base_model
+        if looks_like_local_path(bm) or self.resolve(bm).exists():
+            return True
+        first = bm.split("/")[0]
+        return "/" in bm and first not in ("", ".", "..") and (self.root / first).is_dir()
+
+    def check_base_model(self) -> None:
+        """Refuse a local ``base_model`` folder that does not exist (before any loader treats it as a hub id)."""
+        if not self.base_model_is_local():
+            return
+        local = Path(self.base_model)
+        if not local.is_dir():
+            state = "is not a folder" if local.exists() else "not found"
+            raise self._err(("base_model",), f"local base model folder {state}: {local}",
+                            fix="build it (`router tiny-model DIR`) or download the model there, or correct "
+                                "base_model in registry.yaml (relative paths resolve against its folder)")
 
     def label_fingerprint(self) -> str:
         """Fingerprint of the ordered label set (names in registry order)."""
