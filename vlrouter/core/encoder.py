@@ -17,14 +17,19 @@ import functools
 import hashlib
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlrouter.core.data import prompt_problem
 from vlrouter.core.errors import InputError, ModelLoadError, located
+from vlrouter.core.paths import looks_like_local_path
 
 POOLINGS = ("mean", "last")
+MAX_PROMPT_TOKENS = 4096  # router.max_prompt_tokens' default: an instruction, not a document
+_LIMIT_ATTR = "vlrouter_max_prompt_tokens"
 
 @functools.cache
 def image_only_processor_class() -> type:
@@ -56,12 +61,64 @@ def image_only_processor_class() -> type:
 
 
 def resolve_device(device: str | None = None) -> str:
-    """``None``/``"auto"`` -> ``cuda`` when available, else ``cpu``."""
+    """``None``/``"auto"`` -> ``cuda`` when available, else ``cpu``. Any other value must name a device
+    this machine has: :class:`InputError` for ``cuda`` on a CPU-only torch build, ``cuda:3`` with one GPU,
+    or a name torch does not know -- before any weights load."""
     import torch
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    fix = "leave --device out (auto: cuda when available, else cpu), or pass --device cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(located(None, "--device", f"unknown device {device!r}", fix=fix)) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise InputError(located(None, "--device", f"{device!r}: {why} (torch {torch.__version__})", fix=fix))
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(located(None, "--device", f"{device!r}: this machine has {torch.cuda.device_count()} "
+                                     "CUDA device(s)", fix=fix))
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise InputError(located(None, "--device", f"{device!r}: MPS is not available here", fix=fix))
+    elif dev.type != "cpu":
+        backend = getattr(torch, dev.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise InputError(located(None, "--device", f"{device!r}: not available here", fix=fix))
     return device
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No progress bars from transformers / huggingface_hub while loading (the library never prints;
+    the CLI draws its own). Restores their previous setting afterwards."""
+    import transformers
+    from huggingface_hub import utils as hub_utils
+
+    tf_log = transformers.utils.logging
+    tf_was = tf_log.is_progress_bar_enabled()
+    hub_was = not hub_utils.are_progress_bars_disabled()
+    tf_log.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if tf_was:
+            tf_log.enable_progress_bar()
+        if hub_was:
+            hub_utils.enable_progress_bars()
+
+
+def check_local_model(base_model: str) -> None:
+    """A ``base_model`` that can only be a path must be a folder here: never hand it to the Hub (which
+    retries for minutes offline). Hub ids (``org/name``) pass."""
+    if looks_like_local_path(base_model) and not Path(base_model).expanduser().is_dir():
+        state = "is not a folder" if Path(base_model).expanduser().exists() else "not found"
+        raise ModelLoadError(located(base_model, None, f"local base model folder {state}",
+                                     fix="build it (`router tiny-model DIR`) or download the model there, or "
+                                         "correct base_model in registry.yaml"))
 
 
 def resolve_dtype(dtype: str | None, device: str):
@@ -95,15 +152,18 @@ def load_processor(base_model: str, *, revision: str | None = None):
     """
     from transformers import AutoProcessor, AutoTokenizer, Qwen2VLImageProcessorPil
 
+    check_local_model(base_model)
     try:
-        proc = AutoProcessor.from_pretrained(base_model, revision=revision)
+        with quiet_loading():
+            proc = AutoProcessor.from_pretrained(base_model, revision=revision)
         proc.tokenizer.padding_side = "left"
         return proc
     except Exception as e:  # no torchvision -> the video processor cannot be built; or not found
         first_error = e
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base_model, revision=revision)
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(base_model, revision=revision)
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(base_model, revision=revision)
+            image_processor = Qwen2VLImageProcessorPil.from_pretrained(base_model, revision=revision)
     except Exception as e:
         raise ModelLoadError(
             located(base_model, None, f"cannot load the processor: {first_error}; image-only fallback: {e}",
@@ -128,8 +188,10 @@ def load_base_model(base_model: str, *, device: str | None = None, dtype: str | 
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    check_local_model(base_model)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(base_model, dtype=torch_dtype, revision=revision)
+        with quiet_loading():
+            model = AutoModelForImageTextToText.from_pretrained(base_model, dtype=torch_dtype, revision=revision)
     except OSError as e:
         raise ModelLoadError(
             located(base_model, None, f"cannot load the base model: {e}",
@@ -177,18 +239,71 @@ def build_messages(image, prompt: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
 
 
+def set_prompt_token_limit(processor, max_tokens: int) -> None:
+    """Set ``router.max_prompt_tokens`` for every :func:`build_inputs` call with this processor."""
+    setattr(processor, _LIMIT_ATTR, int(max_tokens))
+
+
+def prompt_token_limit(processor) -> int:
+    return int(getattr(processor, _LIMIT_ATTR, MAX_PROMPT_TOKENS))
+
+
+def _special_tokens(tokenizer) -> frozenset[str]:
+    """The tokenizer's special tokens (``<|image_pad|>``, ``<|im_start|>``, …), computed once per tokenizer."""
+    cached = getattr(tokenizer, "_vlrouter_special", None)
+    if cached is None:
+        found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+        for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+            if getattr(tok, "special", False):
+                found.add(str(tok.content))
+        cached = frozenset(t for t in found if t)
+        try:
+            tokenizer._vlrouter_special = cached
+        except Exception:
+            pass
+    return cached
+
+
+def check_prompts(processor, prompts: Sequence[str]) -> None:
+    """Refuse, before the processor sees them, prompts the model cannot take as an instruction.
+
+    Empty; not valid Unicode (a lone surrogate); holding a special token of the chat
+    format (``<|image_pad|>`` would make the processor expect another image); or longer
+    than ``router.max_prompt_tokens`` tokens. The same check runs for training features
+    and for the engine (both go through :func:`build_inputs`), so what trains is what routes.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    limit = prompt_token_limit(processor)
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise InputError(located(None, f"item {i}", "prompt is empty", fix="pass the instruction text"))
+        where = f"item {i}" if len(prompts) > 1 else None
+        problem = prompt_problem(p)
+        if problem is None:
+            hit = next((t for t in _special_tokens(tokenizer) if t in p), None)
+            if hit is not None:
+                problem = f"holds the special token {hit!r}, which the model's chat format reserves"
+        if problem is not None:
+            raise InputError(located(None, where, f"prompt {problem}", fix="remove it from the instruction"))
+        if len(p.encode("utf-8")) > limit:  # a byte-level BPE token is at least one byte: count only when needed
+            n = len(tokenizer(p, add_special_tokens=False)["input_ids"])
+            if n > limit:
+                raise InputError(located(None, where, f"prompt is {n:,} tokens, over router.max_prompt_tokens="
+                                         f"{limit:,}", fix="shorten the instruction, or raise "
+                                                           "router.max_prompt_tokens in registry.yaml"))
+
+
 def build_inputs(processor, images: Sequence, prompts: Sequence[str], *, add_generation_prompt: bool = True):
     """Format and process a batch: chat template + image processor + tokenizer, left padded.
 
     Returns a ``BatchFeature`` with ``input_ids``, ``attention_mask``, ``pixel_values``,
     ``image_grid_thw`` and ``mm_token_type_ids`` -- pass them all to the model.
+    Prompts are checked first (:func:`check_prompts`).
     """
     if len(images) != len(prompts):
         raise InputError(located(None, "images", f"got {len(images)} images for {len(prompts)} prompts",
                                  fix="pass one image per prompt"))
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise InputError(located(None, f"item {i}", "prompt is empty", fix="pass the instruction text"))
+    check_prompts(processor, prompts)
     texts = [
         processor.apply_chat_template(build_messages(img, p), tokenize=False,
                                       add_generation_prompt=add_generation_prompt)

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlrouter.core.atomic import atomic_target
-from vlrouter.core.encoder import Encoder, build_inputs, load_processor
+from vlrouter.core.encoder import Encoder, build_inputs, load_processor, prompt_token_limit, set_prompt_token_limit
 from vlrouter.core.errors import ImageError, InputError, TrainingError, located
 from vlrouter.core.images import image_digest, open_image
 from vlrouter.core.progress import Progress, progress_or_null
@@ -121,8 +121,8 @@ def _processor_for(base_model: str, revision: str | None = None):
     return _PROCESSORS[key]
 
 
-def _worker_init(base_model: str, revision: str | None) -> None:
-    """Pool initializer: one torch thread per worker, processor loaded once."""
+def _worker_init(base_model: str, revision: str | None, max_prompt_tokens: int | None = None) -> None:
+    """Pool initializer: one torch thread per worker, processor loaded once (with the run's prompt limit)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
@@ -133,7 +133,9 @@ def _worker_init(base_model: str, revision: str | None) -> None:
         transformers.utils.logging.set_verbosity_error()
     except Exception:
         pass
-    _processor_for(base_model, revision)
+    proc = _processor_for(base_model, revision)
+    if max_prompt_tokens is not None:
+        set_prompt_token_limit(proc, max_prompt_tokens)
 
 
 def _open(sample: Sample):
@@ -159,7 +161,10 @@ def prepare_shard(base_model: str, samples: Sequence[Sample], *, revision: str |
     proc = processor if processor is not None else _processor_for(base_model, revision)
     out = []
     for s in samples:
-        batch = build_inputs(proc, [_open(s)], [s.prompt])
+        try:
+            batch = build_inputs(proc, [_open(s)], [s.prompt])
+        except InputError as e:  # a prompt refused by the encoder's check: name the dataset line
+            raise InputError(f"{s.source}: {e}") from None
         out.append({k: v for k, v in batch.items()})
     return out
 
@@ -237,7 +242,8 @@ def make_pool(encoder: Encoder, workers: int) -> ProcessPoolExecutor | None:
     if workers <= 1:
         return None
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(MP_CONTEXT),
-                               initializer=_worker_init, initargs=(encoder.base_model, encoder.revision))
+                               initializer=_worker_init, initargs=(encoder.base_model, encoder.revision,
+                                                                   prompt_token_limit(encoder.processor)))
 
 
 def _prepare_job(base_model: str, revision: str | None, samples: Sequence[Sample]):
@@ -306,7 +312,7 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
             if k in have or k in missing:
                 n_new += k in missing
                 continue
-            f = cache.get(k)  # None when absent or unreadable: embedded again
+            f = usable_feature(cache.get(k), encoder.hidden_size)  # None: absent, unreadable or damaged
             if f is None:
                 n_new += 1
                 missing[k] = s
@@ -339,6 +345,16 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
              "seconds": round(time.perf_counter() - t0, 3), "workers": workers if pool is not None else 1}
     prog.log(f"features: embedded {stats['embedded_new']} new, reused {stats['reused_cached']} cached")
     return feats, stats
+
+
+def usable_feature(f: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+    """A cached feature, or None when it is not one vector of ``dim`` finite floats (then it is embedded
+    again and the entry rewritten): a damaged or foreign entry must not break every later retrain."""
+    import torch
+
+    if f is None or f.ndim != 1 or int(f.shape[0]) != int(dim) or not torch.isfinite(f).all():
+        return None
+    return f
 
 
 def check_features(feats: torch.Tensor, where: str | Path) -> None:
