@@ -30,23 +30,28 @@ BASE = "Qwen/Qwen3-VL-8B-Instruct"
 
 def _router(live: Path, *, acc: float, adapters=("a", "b"), fp="enc1", bias: int | None = None) -> Path:
     """A candidate beside ``live`` whose router.json says val accuracy ``acc``. Its head predicts class
-    ``bias`` for every input (when given), so its accuracy on :data:`VAL` is known exactly."""
+    ``bias`` for every input (when given), so its accuracy on :data:`VAL` is known exactly; otherwise it
+    reads feature 0, which separates the classes (a router that beats chance, as the gate requires)."""
     shape = HeadShape(in_dim=4, num_labels=len(adapters))
     torch.manual_seed(int(acc * 100))
     head = build_head(shape)
-    if bias is not None:
-        with torch.no_grad():
-            head[-1].weight.zero_()
-            head[-1].bias.zero_()
+    with torch.no_grad():
+        head[-1].weight.zero_()
+        head[-1].bias.zero_()
+        if bias is not None:
             head[-1].bias[bias] = 1.0
+        else:
+            head[-1].weight[0, 0], head[-1].weight[1, 0] = -1.0, 1.0
     meta = RouterMeta(adapters=list(adapters), base_model=BASE, pooling="mean", layer=-1, hidden_size=4, head=shape,
                       metrics={"val_acc": acc, "n_val": 48}, encoder_fingerprint=fp)
     return save_router(new_version_dir(live), head, meta)
 
 
 # 48 validation samples: 42 of class 0, 6 of class 1. A head that always says 0 scores 0.875.
-VAL_X = torch.randn(48, 4, generator=torch.Generator().manual_seed(0))
+# Feature 0 is -2 for class 0 and +2 for class 1 (what a head that beats chance reads).
 VAL_Y = [0] * 42 + [1] * 6
+VAL_X = torch.randn(48, 4, generator=torch.Generator().manual_seed(0))
+VAL_X[:, 0] = torch.tensor([-2.0 if y == 0 else 2.0 for y in VAL_Y])
 
 
 def _snapshot(live: Path) -> tuple:

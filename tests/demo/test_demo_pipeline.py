@@ -11,7 +11,9 @@ from vlrouter.demo.pipeline import EXTRA_TASK, SEED_TASKS, DemoConfig, run_demo
 
 
 def test_demo_runs_every_step_and_add_adapter_embeds_only_the_new_task(tmp_path, tiny_model_dir):
-    cfg = DemoConfig(samples_per_task=10, heldout_per_task=1, lora_steps=2, epochs=5, base_model=str(tiny_model_dir))
+    # epochs: enough for the router to beat chance, which the gate requires before promoting (head training is ms)
+    cfg = DemoConfig(samples_per_task=10, heldout_per_task=1, lora_steps=2, epochs=100,
+                     base_model=str(tiny_model_dir))
     steps = []
     report = run_demo(tmp_path / "demo", cfg, progress=RecordingProgress(), on_step=lambda n, r: steps.append(n))
 

@@ -48,7 +48,14 @@ from typing import Any
 import pluggy
 
 from vlrouter.core.actions import UIAction
-from vlrouter.core.encoder import build_inputs, encode_pooled, inner_vl_model, load_base_model, load_processor
+from vlrouter.core.encoder import (
+    build_inputs,
+    encode_pooled,
+    inner_vl_model,
+    load_base_model,
+    load_processor,
+    set_prompt_token_limit,
+)
 from vlrouter.core.errors import InputError, LowConfidenceError, RegistryError, StaleRouterError, located
 from vlrouter.core.images import open_image
 from vlrouter.core.lora import AdapterSource, check_adapter_checkpoint, load_adapters, vision_adapters
@@ -111,8 +118,7 @@ class Action:
             "confidence": self.confidence,
             "probs": dict(self.probs),
             "text": self.text,
-            "action": None if self.action is None else {"name": self.action.name, "args": dict(self.action.args),
-                                                        "call": str(self.action)},
+            "action": None if self.action is None else self.action.to_dict(),
             "timings": dict(self.timings),
         }
 
@@ -186,6 +192,7 @@ class Engine:
         if not m.adapters:
             raise RegistryError(located(reg.path, "adapters", "no adapters registered",
                                         fix="add one with `router add-adapter NAME`"))
+        reg.check_base_model()
         head, meta = load_router(reg.router_dir)
         check_router_for(meta, reg)
         sources = [
@@ -196,6 +203,7 @@ class Engine:
         for src in sources:
             check_adapter_checkpoint(src, [m.base_model, reg.base_model] if check_base_model else [])
         processor = load_processor(reg.base_model, revision=m.base_model_revision)
+        set_prompt_token_limit(processor, m.router.max_prompt_tokens)
         base = load_base_model(reg.base_model, device=device, dtype=dtype or m.router.dtype,
                                revision=m.base_model_revision)
         hidden = int(base.config.text_config.hidden_size)
@@ -208,6 +216,13 @@ class Engine:
             plugin_manager = get_plugin_manager(reg)
         return cls(model, processor, head, meta, plugin_manager=plugin_manager,
                    min_confidence=m.router.min_confidence, fallback=m.router.fallback)
+
+    def __repr__(self) -> str:
+        dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
+        base = getattr(self.base_model.config, "_name_or_path", "") or type(self.base_model).__name__
+        return (f"Engine(adapters={self.adapters}, base_model={base!r}, device={str(self.device)!r}, "
+                f"dtype={dtype!r}, min_confidence={self.min_confidence}, fallback={self.fallback!r}, "
+                f"temperature={self.meta.temperature:g}, router_created={self.meta.created_at!r})")
 
     # ---- properties ---------------------------------------------------------------------
     @property
@@ -265,7 +280,7 @@ class Engine:
             return self._features(batch)
 
     def route(self, image, prompt: str) -> Route:
-        """Which adapter should act on (image, prompt). ``image``: a PIL image, a path or bytes."""
+        """Which adapter should act on (image, prompt). ``image``: a PIL image, a path, bytes or a numpy array."""
         return self.route_batch([(image, prompt)])[0]
 
     def route_batch(self, items: Sequence[tuple[Any, str]]) -> list[Route]:

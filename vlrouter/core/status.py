@@ -37,7 +37,8 @@ def router_state(registry: Registry) -> dict[str, Any]:
         out.update(state="unreadable", reason=str(e))
         return out
     out.update(adapters=list(meta.adapters), created_at=meta.created_at, val_acc=meta.best_acc,
-               base_model=meta.base_model, pooling=meta.pooling, layer=meta.layer)
+               base_model=meta.base_model, pooling=meta.pooling, layer=meta.layer, temperature=meta.temperature,
+               model_fingerprint=meta.model_fingerprint)
     try:
         check_router_for(meta, registry)
         out["state"] = "ok"
@@ -62,6 +63,11 @@ def registry_status(registry: Registry) -> dict[str, Any]:
             "checkpoint": str(ck),
             "checkpoint_present": is_peft_dir(ck),
         })
+    r = registry.model.router
+    local = registry.base_model_is_local()
     return {"registry": str(registry.path), "base_model": registry.model.base_model,
+            "base_model_resolved": registry.base_model, "base_model_local": local,
+            "base_model_present": Path(registry.base_model).is_dir() if local else None,
+            "min_confidence": r.min_confidence, "fallback": r.fallback, "max_prompt_tokens": r.max_prompt_tokens,
             "label_fingerprint": registry.label_fingerprint(), "adapters": adapters,
             "router": router_state(registry)}
