@@ -107,7 +107,10 @@ def run_demo(root: str | Path, cfg: DemoConfig | None = None, *, progress: Progr
     note("datasets", report)
 
     if cfg.base_model:
-        base_model = cfg.base_model
+        # a local folder given on the command line is relative to the working directory, but registry.yaml's
+        # paths are relative to its own folder: write it absolute so it means the same everywhere
+        given = Path(cfg.base_model).expanduser()
+        base_model = str(given.resolve()) if given.exists() else cfg.base_model
     else:
         with progress.task("building the tiny random Qwen3-VL", total=1) as t:
             build_tiny_model(root / "models" / "tiny-qwen3-vl", "demo")
