@@ -87,3 +87,16 @@ def test_a_fifo_as_dataset_is_one_located_error(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(DatasetError, match="FIFO"):  # was: blocked forever in open()
         read_adapter_dataset(fifo, adapter="calendar")
+
+
+def test_tiny_model_and_seed_import_never_overwrite_or_block(tmp_path):
+    real = tmp_path / "Qwen3-VL-8B"
+    real.mkdir()
+    (real / "config.json").write_text("{}")
+    msg = one_error_line(router("tiny-model", str(real)))
+    assert "already exists and is not an empty folder; nothing was written" in msg
+    assert (real / "config.json").read_text() == "{}" and sorted(p.name for p in real.iterdir()) == ["config.json"]
+    fifo = tmp_path / "router-head.pt"
+    os.mkfifo(fifo)
+    msg = one_error_line(router("import-seed-head", str(fifo), "--out", str(tmp_path / "out"), "--pooling", "mean"))
+    assert "is a FIFO" in msg and not (tmp_path / "out").exists()

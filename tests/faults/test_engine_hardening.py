@@ -106,3 +106,12 @@ def test_device_cuda_on_a_cpu_build_is_one_line(engine_project):
     H.samples()[0][0].save(shot)
     msg = one_error_line(router("act", str(shot), "Click", "--device", "cuda", "--registry", str(engine_project)))
     assert "--device: 'cuda': " in msg and "(fix: leave --device out" in msg
+
+
+def test_nan_routing_features_are_an_error_not_a_quiet_fallback(engine, monkeypatch):
+    import torch
+
+    img, prompt, _ = H.samples()[0]
+    monkeypatch.setattr(engine, "_features", lambda batch: torch.full((1, engine.meta.hidden_size), float("nan")))
+    with pytest.raises(InputError, match="the router's probabilities are not finite"):
+        engine.act(img, prompt, max_new_tokens=2)  # was: confidence NaN < min_confidence, so the fallback acted

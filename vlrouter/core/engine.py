@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -290,7 +291,14 @@ class Engine:
 
     # ---- acting -------------------------------------------------------------------------
     def _decide(self, route: Route, index: int | None = None) -> str:
-        """The adapter that generates: the routed one, or ``router.fallback`` below ``min_confidence``."""
+        """The adapter that generates: the routed one, or ``router.fallback`` below ``min_confidence``.
+
+        NaN probabilities (features that overflowed) are an error, never a quiet fallback."""
+        if not math.isfinite(route.confidence):
+            item = f"item {index}: " if index is not None else ""
+            raise InputError(located(None, "router", f"{item}the router's probabilities are not finite (NaN/inf): "
+                                     "the routing features overflowed", fix="set router.dtype: float32 (or "
+                                     "bfloat16) in registry.yaml; float16 overflows on large activations"))
         if route.confidence >= self.min_confidence:
             return route.adapter
         if self.fallback == "error":

@@ -127,6 +127,9 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | str = "tiny") -> Path
                                      fix=f"one of {', '.join(PRESETS)}"))
         spec = PRESETS[spec]
     out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # e.g. a real model's folder: never overwritten
+        raise InputError(located(out, None, "already exists and is not an empty folder; nothing was written",
+                                 fix="choose a new folder for the tiny model"))
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = _build_tokenizer()
