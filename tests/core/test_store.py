@@ -194,8 +194,11 @@ def test_pruning_keeps_the_newest_versions_even_within_one_second(tmp_path):
     live = tmp_path / "router"
     made = []
     for i in range(6):
+        if i == 4:
+            crashed = new_version_dir(live)  # a candidate a crash left without router.json
         made.append(_router(live, acc=0.5 + i / 100))
         promote(made[-1], live)
+    assert not crashed.exists()  # removed once older than a promoted version
     kept = sorted(p.name for p in versions_dir(live).iterdir())
     assert kept == sorted(p.name for p in made[-KEEP_VERSIONS:])  # the last three, in order
     assert os.path.realpath(live) == str(made[-1])
