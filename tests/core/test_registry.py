@@ -376,13 +376,19 @@ def test_workers_default_to_auto_chosen_from_the_machine(tmp_path):
 
 
 def test_a_missing_local_base_model_is_refused_not_looked_up_on_the_hub(tmp_path):
+    from vlrouter.core.encoder import load_processor
+    from vlrouter.core.errors import ModelLoadError
     from vlrouter.core.options import resolve_options
+    from vlrouter.core.recipe import check_work_dirs
 
     (tmp_path / "models").mkdir()
     for value in ("models/tiny-qwen3-vl", "./tiny", "/nonexistent/qwen"):
         reg = load_text(tmp_path, TEXT.replace("Qwen/Qwen3-VL-8B-Instruct", value))
         assert reg.base_model_is_local() and Path(reg.base_model).is_absolute()
+        opts = resolve_options(reg)  # options resolve (build-dataset needs no model) …
+        with pytest.raises(ModelLoadError, match="local base model folder not found"):
+            load_processor(opts.base_model)  # … but no loader hands it to the Hub
         with pytest.raises(RegistryError) as e:
-            resolve_options(reg)
+            check_work_dirs(reg, opts)  # and a run stops before any work, naming the line
         assert f"{tmp_path / 'r.yaml'}:2: base_model: local base model folder not found" in str(e.value)
     assert not load_text(tmp_path, TEXT).base_model_is_local()  # a hub id stays a hub id

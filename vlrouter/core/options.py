@@ -83,8 +83,6 @@ def resolve_options(registry: Registry, overrides: dict[str, Any] | None = None)
         if field == "base_model" and os.path.exists(os.path.expanduser(str(value))):
             value = os.path.abspath(os.path.expanduser(str(value)))
         values[field] = value
-    if not any(OVERRIDE_ALIASES.get(k, k) == "base_model" and v is not None for k, v in (overrides or {}).items()):
-        registry.check_base_model()
     if values.get("workers") != "auto":
         values["workers_note"] = "set by --workers" if (overrides or {}).get("workers") is not None \
             else "set by train.workers"

@@ -159,8 +159,11 @@ def load_encoder(options: TrainOptions) -> Encoder:
 
 
 def check_work_dirs(registry: Registry, options: TrainOptions) -> None:
-    """The folders a run writes into (``train.datasets_dir``, ``train.cache_dir``) exist or can be made:
-    a file standing there, or a read-only parent, is one located error before any work is done."""
+    """Before any work: the folders a run writes into (``train.datasets_dir``, ``train.cache_dir``) exist
+    or can be made (a file standing there, or a read-only parent, is one located error), and a local
+    ``base_model`` folder the run will load exists (never a Hub lookup for a missing folder)."""
+    if options.base_model == registry.base_model:
+        registry.check_base_model()
     for name in ("datasets_dir", "cache_dir"):
         ensure_dir(registry.resolve(getattr(options, name)), field=f"train.{name}", where=registry.path)
 
