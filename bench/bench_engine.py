@@ -132,15 +132,11 @@ def run_child(mode: str, registry: Path, max_new_tokens: int, extra: tuple[str, 
 def child(mode: str, registry: Path, max_new_tokens: int) -> dict:
     import torch
 
-    from vlrouter.core.encoder import (
-        build_inputs,
-        encode_pooled,
-        load_base_model,
-        load_processor,
-    )
+    from vlrouter.core.encoder import build_inputs, load_base_model, load_processor
     from vlrouter.core.engine import Engine
     from vlrouter.core.lora import AdapterSource, load_adapters
     from vlrouter.core.registry import Registry
+    from vlrouter.core.views import TokenIds, encode_pooled
 
     _quiet()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -174,7 +170,7 @@ def child(mode: str, registry: Path, max_new_tokens: int) -> dict:
                                    [AdapterSource(a.name, reg.resolve(a.checkpoint)) for a in reg.adapters])
         params = sum(p.numel() for p in encoder.parameters()) + sum(p.numel() for p in lora_model.parameters())
         batch = build_inputs(proc, [image], [prompt])
-        encode_pooled(encoder, batch)
+        encode_pooled(encoder, batch, token_ids=TokenIds.of(encoder, proc))
         lora_model.set_adapter(NAMES[0])
         with torch.inference_mode():
             lora_model.generate(**batch, **gen)
@@ -186,8 +182,8 @@ def child(mode: str, registry: Path, max_new_tokens: int) -> dict:
 # ---- latency (parent process) --------------------------------------------------------------
 
 def latency(registry: Path, runs: int, max_new_tokens: int) -> dict:
-    from vlrouter.core.encoder import inner_vl_model
     from vlrouter.core.engine import Engine
+    from vlrouter.core.views import inner_vl_model
 
     engine = Engine.from_registry(registry, device="cpu")
     calls = []

@@ -104,11 +104,12 @@ def _score(router, views, rows, names):
 def quality(workdir: Path, n: int, heldout: int) -> dict:
     import torch
 
-    from vlrouter.core.encoder import Encoder, Representation, default_layers
+    from vlrouter.core.encoder import Encoder
     from vlrouter.core.fit import fit_logistic
     from vlrouter.core.head import standardize_stats
     from vlrouter.core.recipe import SplitFeatures  # noqa: F401  (documents what fit_candidate reads)
     from vlrouter.core.store import read_router
+    from vlrouter.core.views import Representation, default_layers
     from vlrouter.demo.screens import TASKS
 
     tasks = list(TASKS)
@@ -195,9 +196,10 @@ def _odd_rows(workdir: Path, rows: list[dict], n: int) -> list[dict]:
 
 def ood(workdir: Path, n: int, heldout: int) -> dict:
     """Leave one task out: train on the other three; AUROC of ood_score for it, blanks and noise."""
-    from vlrouter.core.encoder import Encoder, view_key
+    from vlrouter.core.encoder import Encoder
     from vlrouter.core.ood import auroc
     from vlrouter.core.store import read_router
+    from vlrouter.core.views import view_key
     from vlrouter.demo.screens import TASKS
 
     model, rows = _demo_project(workdir, n, heldout, TASKS)
@@ -231,9 +233,9 @@ def latency(workdir: Path, reps: int) -> dict:
     import torch
 
     from tests import engine_helpers as H
-    from vlrouter.core.encoder import default_layers
     from vlrouter.core.engine import Engine
     from vlrouter.core.tiny import build_tiny_model
+    from vlrouter.core.views import default_layers
 
     model = workdir / "model-100m"
     if not (model / "config.json").exists():

@@ -119,12 +119,13 @@ def bench_model(preset: str, workdir: Path, n: int, head_steps: int) -> dict:
     ds = load_routing_dataset(add.dataset_dir)
     train, val = ds.split("train"), ds.split("val")
     enc = Encoder.load(str(model_dir), device="cpu")
-    feats, _ = embed_dataset(enc, train + val, FeatureCache(proj / ".features", enc.fingerprint()))
+    views, _ = embed_dataset(enc, train + val, FeatureCache(proj / ".features", enc.fingerprint()), layers=[-1])
+    feats = views[f"mean@{enc.num_layers}"]
     tx, vx = feats[:len(train)], feats[len(train):]
     ty, vy = [s.label for s in train], [s.label for s in val]
     steps_per_epoch = -(-len(train) // opts.batch_size)
     hopts = opts.model_copy(update={"epochs": max(1, head_steps // steps_per_epoch), "patience": 10_000,
-                                    "eval_every": 10_000})
+                                    "eval_every": 10_000, "solver": "adamw"})  # minibatch steps per second
     _, hstats = train_head(tx, ty, vx, vy, hopts, num_labels=len(ds.class_names))
     out["hidden_size"] = enc.hidden_size
     out["head_steps"], out["head_batch"] = hstats["steps"], opts.batch_size
@@ -134,11 +135,11 @@ def bench_model(preset: str, workdir: Path, n: int, head_steps: int) -> dict:
     three = [s for s in train + val if s.adapter in TASKS]
     from vlrouter.core.images import open_image
 
-    enc.embed([open_image(three[0].image)], [three[0].prompt])
+    enc.embed([open_image(three[0].image)], [three[0].prompt], [-1])
     for workers in (1, 2):
         cache = FeatureCache(proj / f".bench-cache-w{workers}", enc.fingerprint())
         t0 = time.perf_counter()
-        _, st = embed_dataset(enc, three, cache, workers=workers, batch_size=opts.embed_batch_size)
+        _, st = embed_dataset(enc, three, cache, layers=[-1], workers=workers, batch_size=opts.embed_batch_size)
         dt = time.perf_counter() - t0
         out[f"embed_w{workers}_samples"] = st["embedded_new"]
         out[f"embed_w{workers}_s"] = dt

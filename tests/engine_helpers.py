@@ -81,7 +81,7 @@ def make_lora_adapters(model_dir: str | Path, out_root: str | Path, names, *, ta
 
 def features(encoder, images, prompts, views=("mean",), layer: int = -1):
     """What a router reading ``views`` at ``layer`` sees for these inputs (the training features)."""
-    from vlrouter.core.encoder import Representation, resolve_layer
+    from vlrouter.core.views import Representation, resolve_layer
 
     resolved = resolve_layer(layer, encoder.num_layers)
     return Representation(tuple(views), resolved).features(encoder.embed(images, prompts, [resolved]))
@@ -119,10 +119,11 @@ def train_router(registry_path: str | Path, *, encoder=None, names=None, tempera
     """
     import torch
 
-    from vlrouter.core.encoder import Encoder, Representation, resolve_layer
+    from vlrouter.core.encoder import Encoder
     from vlrouter.core.head import HeadShape, build_head
     from vlrouter.core.registry import Registry
     from vlrouter.core.store import RouterMeta, save_router
+    from vlrouter.core.views import Representation, resolve_layer
 
     reg = Registry.load(registry_path)
     names = list(names or reg.adapter_names)

@@ -365,7 +365,7 @@ def test_function_bodies_with_local_make_the_same_router_as_the_local_backend(pr
         assert (cand / "tensorboard").is_dir()
 
         # A second embed finds everything in the feature cache on the volume.
-        again = mapp.embed.local(name, "run2", opts.base_model, pooling=opts.pooling, layer=opts.layer,
+        again = mapp.embed.local(name, "run2", opts.base_model, layer=opts.layer,
                                  dtype=opts.dtype, batch_size=opts.embed_batch_size, workers=1, data_root=str(data))
         assert again["embedded_new"] == 0 and again["reused_cached"] == info["samples"]
     finally:

@@ -421,8 +421,10 @@ def test_installed_entry_point_plugin_is_listed_and_its_adapter_added(ws, tmp_pa
 _VAL_Y = [0] * 6 + [1] * 4
 
 
-def _candidate(registry, *, always: int, acc: float):
-    """A real candidate router for ``registry``'s labels whose head predicts class ``always``."""
+def _candidate(registry, *, always: int | None = None, acc: float):
+    """A real candidate router for ``registry``'s labels whose head predicts class ``always`` -- or, without
+    ``always``, reads feature 0 of the validation features, which tells the labels apart (the gate promotes
+    only routers that beat chance)."""
     import torch
 
     from vlrouter.core.head import HeadShape, build_head
@@ -435,13 +437,17 @@ def _candidate(registry, *, always: int, acc: float):
     with torch.no_grad():
         head[-1].weight.zero_()
         head[-1].bias.zero_()
-        head[-1].bias[always] = 1.0
+        if always is not None:
+            head[-1].bias[always] = 1.0
+        else:
+            head[-1].weight[0, 0], head[-1].weight[1, 0] = -1.0, 1.0
     meta = RouterMeta(adapters=registry.adapter_names, base_model="Qwen/Qwen3-VL-8B-Instruct", pooling=["mean"],
                       layer=2, num_layers=2, hidden_size=4, head=shape, metrics={"val_acc": acc, "n_val": len(_VAL_Y)},
                       encoder_fingerprint="enc", embedded_new=4, reused_cached=5)
     out = save_router(new_version_dir(registry.router_dir), head, meta)
-    return Candidate(dir=out, dataset_dir=out, meta=meta, val_views={"mean@2": torch.zeros(len(_VAL_Y), 4)},
-                     val_labels=_VAL_Y)
+    feats = torch.zeros(len(_VAL_Y), 4)
+    feats[:, 0] = torch.tensor([1.0 if y else -1.0 for y in _VAL_Y])
+    return Candidate(dir=out, dataset_dir=out, meta=meta, val_views={"mean@2": feats}, val_labels=_VAL_Y)
 
 
 def _fake_train(monkeypatch, behaviour):
@@ -462,7 +468,7 @@ def _fake_train(monkeypatch, behaviour):
 
 
 def test_add_adapter_retrains_before_saving(ws, monkeypatch):
-    calls = _fake_train(monkeypatch, lambda req: _candidate(req.registry, always=0, acc=0.9))
+    calls = _fake_train(monkeypatch, lambda req: _candidate(req.registry, acc=0.9))
     res = run("add-adapter", "provider-select", "--epochs", "3", "--lr", "0.01", "--force", "--backend", "local",
               ws=ws)
     assert res.exit_code == 0, res.output
@@ -484,7 +490,7 @@ def test_failed_retrain_leaves_registry_untouched(ws, monkeypatch, outcome):
         if outcome == "raises":
             raise PromotionRefused("runs/router: new router scored 0.50 < live 0.90 (fix: pass --force)")
         promote(_candidate(req.registry, always=0, acc=0.6).dir, req.registry.router_dir)  # live: 0.6 on val
-        return _candidate(req.registry, always=1, acc=0.4)  # scores 0.4 on the same samples
+        return _candidate(req.registry, acc=0.4)  # says 0.4 on the same samples
 
     _fake_train(monkeypatch, behaviour)
     before = (ws / "registry.yaml").read_bytes()
@@ -502,7 +508,7 @@ def test_failed_retrain_leaves_registry_untouched(ws, monkeypatch, outcome):
 def test_registry_edited_during_retrain_is_not_overwritten(ws, monkeypatch):
     def behaviour(req):
         req.registry.path.write_text(req.registry.path.read_text() + "# edited meanwhile\n")
-        return _candidate(req.registry, always=0, acc=0.9)
+        return _candidate(req.registry, acc=0.9)
 
     _fake_train(monkeypatch, behaviour)
     res = run("add-adapter", "provider-select", ws=ws)

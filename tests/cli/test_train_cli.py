@@ -133,7 +133,8 @@ def test_a_failed_add_adapter_retrain_leaves_registry_and_router_byte_identical(
 def test_eval_gate_keeps_the_live_router_and_force_promotes(project):
     before = _snapshot(project)
     live_acc = _live(project)["metrics"]["val_acc"]
-    worse = ["retrain", "--epochs", "1", "--lr", "1e-6"]
+    # one epoch at a small lr: worse than the live router (1.0), still better than chance (the gate's floor)
+    worse = ["retrain", "--epochs", "1", "--lr", "1e-4"]
     res = router(*worse, project=project)
     assert res.exit_code == 1, res.output
     assert f"< live {live_acc:.3f} on the same {3 * N // 5} validation samples" in res.stderr

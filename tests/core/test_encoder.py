@@ -6,10 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from vlrouter.core.encoder import (
+from vlrouter.core.encoder import build_inputs
+from vlrouter.core.errors import InputError
+from vlrouter.core.views import (
     VIEWS,
     Representation,
-    build_inputs,
     default_layers,
     encode_views,
     inner_vl_model,
@@ -19,7 +20,6 @@ from vlrouter.core.encoder import (
     view_key,
     view_masks,
 )
-from vlrouter.core.errors import InputError
 
 
 def _images():
@@ -100,7 +100,7 @@ def test_view_masks_cover_the_screenshot_and_exactly_the_instruction(tiny_encode
 
 
 def test_image_grid_splits_the_image_tokens_into_screen_quarters_in_raster_order():
-    from vlrouter.core.encoder import TokenIds
+    from vlrouter.core.views import TokenIds
 
     ids = TokenIds(image=9, vision_end=8, turn_end=7, merge=2)
     row = [1, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 8, 5, 5, 7]  # 12 image tokens: 3 rows x 4 columns

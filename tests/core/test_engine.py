@@ -14,7 +14,7 @@ import torch
 from tests import engine_helpers as H
 from vlrouter import hookimpl
 from vlrouter.core.actions import UIAction
-from vlrouter.core.encoder import build_inputs, inner_vl_model
+from vlrouter.core.encoder import build_inputs
 from vlrouter.core.engine import Action, Engine, Route
 from vlrouter.core.errors import (
     ImageError,
@@ -23,6 +23,7 @@ from vlrouter.core.errors import (
     ModelLoadError,
     StaleRouterError,
 )
+from vlrouter.core.views import inner_vl_model
 from vlrouter.plugins.manager import get_plugin_manager
 
 MAX_NEW = 8

@@ -10,10 +10,10 @@ import torch
 
 from tests.helpers import make_dataset
 from vlrouter.core.data import read_adapter_dataset
-from vlrouter.core.encoder import VIEWS
 from vlrouter.core.errors import ImageError
 from vlrouter.core.features import FeatureCache, collate, embed_dataset, feature_key, prepare_shard, sample_keys
 from vlrouter.core.images import open_image
+from vlrouter.core.views import VIEWS
 
 
 @pytest.fixture(scope="module")

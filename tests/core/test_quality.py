@@ -20,13 +20,13 @@ from tests import engine_helpers as H
 from tests.helpers import DEFAULTS, TASKS, make_dataset, make_registry, retrain
 from vlrouter.cli.app import app
 from vlrouter.core.data import load_routing_dataset
-from vlrouter.core.encoder import Representation
 from vlrouter.core.engine import Engine
 from vlrouter.core.features import FeatureCache, embed_dataset
 from vlrouter.core.head import head_logits, standardize_stats
 from vlrouter.core.ood import auroc
 from vlrouter.core.registry import Registry
 from vlrouter.core.store import read_router
+from vlrouter.core.views import Representation
 
 IN = list(TASKS[:3])
 N = 24

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vlrouter.core.errors import RegistryError
+from vlrouter.core.errors import RegistryError, StorageError
 from vlrouter.core.registry import AdapterEntry, Registry, fingerprint_labels
 
 TEXT = """\
@@ -106,7 +106,9 @@ def test_relative_paths_resolve_against_the_registry_folder(reg_path, tmp_path, 
 def test_registry_given_by_relative_path_resolves_from_its_folder(reg_path, monkeypatch):
     monkeypatch.chdir(reg_path.parent.parent)
     reg = Registry.load(Path("project/registry.yaml"))
-    assert reg.resolve("data/x.jsonl") == Path("project/data/x.jsonl")
+    # absolute: the path means the same after a chdir (the README's `cd demo-run` steps)
+    assert reg.resolve("data/x.jsonl") == reg_path.parent / "data/x.jsonl"
+    assert reg.router_dir.is_absolute()
 
 
 def test_check_paths_names_the_missing_dataset_with_its_line(reg_path):
@@ -161,7 +163,7 @@ def test_save_is_atomic(reg_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StorageError, match="registry.yaml: cannot write: disk full"):  # one located line
         new.save()
     assert reg_path.read_text() == TEXT  # old bytes, never half of the new ones
     assert os.listdir(reg_path.parent) == ["registry.yaml"]  # the temp file is gone
@@ -302,3 +304,91 @@ def test_the_example_registry_at_the_repo_root_loads_and_names_real_plugins():
     for a in reg.adapters:  # each entry agrees with the plugin that declares it
         assert specs[a.name].plugin == a.plugin and specs[a.name].checkpoint == a.checkpoint
     assert reg.to_text() == example.read_text()  # a load/save round trip keeps every comment
+
+
+# ---- hardening (issue #12) ------------------------------------------------------------------
+
+def _alias_bomb(levels: int) -> str:
+    lines = ['base_model: m', 'a0: &a0 ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("levels", [8, 12], ids=["alias-bomb", "alias-bomb-next-level"])
+def test_yaml_alias_bombs_are_refused_in_milliseconds(tmp_path, levels):
+    import time
+
+    t0 = time.perf_counter()
+    msg = error_of(tmp_path, _alias_bomb(levels))  # 9**9 values was 38 s and 1.2 GB, the next a MemoryError
+    assert "YAML aliases expand to more than 100,000 values" in msg and "(fix: " in msg
+    assert time.perf_counter() - t0 < 2
+    # a few aliases are fine: they are YAML
+    reg = load_text(tmp_path, TEXT.replace("train:\n  epochs: 50", "train: &t\n  epochs: 50"))
+    assert reg.model.train.epochs == 50
+
+
+def test_a_folder_as_registry_uses_its_registry_yaml_or_says_so(reg_path, tmp_path):
+    assert Registry.load(reg_path.parent).path == reg_path
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RegistryError, match="is a folder without a registry.yaml"):
+        Registry.load(empty)
+
+
+def test_a_fifo_as_registry_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "registry.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(RegistryError, match="FIFO"):
+        Registry.load(fifo)
+
+
+@pytest.mark.parametrize("name,problem", [
+    ("base", "is reserved"), ("error", "is reserved"), ("auto", "is reserved"),
+    ("a", "part of peft's parameter prefix 'lora_'"), ("lora", "part of peft's parameter prefix"),
+], ids=["base", "error", "auto", "a", "lora"])
+def test_adapter_names_that_collide_with_keywords_or_peft_are_refused(tmp_path, name, problem):
+    msg = error_of(tmp_path, TEXT.replace("name: calendar", f"name: {name}"))
+    assert "adapters[0].name" in msg and problem in msg
+
+
+@pytest.mark.parametrize("line,field", [
+    ("epochs: 99999999999999999999999", "train.epochs"),
+    ("seed: 99999999999999999999999", "train.seed"),
+    ("head_hidden: 10000000", "train.head_hidden"),
+    ("lr: .inf", "train.lr"),
+    ("lr: .nan", "train.lr"),
+    ("workers: 0", "train.workers"),
+], ids=["epochs-overflow", "seed-overflow", "head-hidden-huge", "lr-inf", "lr-nan", "workers-zero"])
+def test_out_of_range_train_values_are_located_errors(tmp_path, line, field):
+    msg = error_of(tmp_path, TEXT.replace("epochs: 50", line))
+    assert field in msg and "(fix: " in msg
+
+
+def test_workers_default_to_auto_chosen_from_the_machine(tmp_path):
+    from vlrouter.core.options import TrainOptions, auto_workers, resolve_options
+
+    assert auto_workers(2) == (1, "auto: 2 CPU cores; worker processes pay off from 4 cores")
+    assert auto_workers(4)[0] == 3 and auto_workers(16)[0] == 4
+    opts = resolve_options(load_text(tmp_path, TEXT))
+    assert (opts.workers, opts.workers_note) == auto_workers()
+    assert resolve_options(load_text(tmp_path, TEXT.replace("epochs: 50", "workers: 3"))).workers == 3
+    assert isinstance(TrainOptions(base_model="m").workers, int)
+
+
+def test_a_missing_local_base_model_is_refused_not_looked_up_on_the_hub(tmp_path):
+    from vlrouter.core.encoder import load_processor
+    from vlrouter.core.errors import ModelLoadError
+    from vlrouter.core.options import resolve_options
+    from vlrouter.core.recipe import check_work_dirs
+
+    (tmp_path / "models").mkdir()
+    for value in ("models/tiny-qwen3-vl", "./tiny", "/nonexistent/qwen"):
+        reg = load_text(tmp_path, TEXT.replace("Qwen/Qwen3-VL-8B-Instruct", value))
+        assert reg.base_model_is_local() and Path(reg.base_model).is_absolute()
+        opts = resolve_options(reg)  # options resolve (build-dataset needs no model) …
+        with pytest.raises(ModelLoadError, match="local base model folder not found"):
+            load_processor(opts.base_model)  # … but no loader hands it to the Hub
+        with pytest.raises(RegistryError) as e:
+            check_work_dirs(reg, opts)  # and a run stops before any work, naming the line
+        assert f"{tmp_path / 'r.yaml'}:2: base_model: local base model folder not found" in str(e.value)
+    assert not load_text(tmp_path, TEXT).base_model_is_local()  # a hub id stays a hub id

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,19 +12,22 @@ import torch
 
 from tests.helpers import make_registry
 from vlrouter.backends.local import retrain_local
-from vlrouter.core.errors import LockHeldError, PromotionRefused
+from vlrouter.core.errors import CheckpointError, LockHeldError, PromotionRefused, StaleRouterError
+from vlrouter.core.gate import promote_with_gate
 from vlrouter.core.head import HeadShape, build_head
 from vlrouter.core.options import resolve_options
 from vlrouter.core.recipe import run_retrain
 from vlrouter.core.registry import Registry
 from vlrouter.core.store import (
+    KEEP_VERSIONS,
     RouterLock,
     RouterMeta,
+    load_router,
     new_version_dir,
     promote,
-    promote_with_gate,
     read_meta,
     save_router,
+    versions_dir,
 )
 
 BASE = "Qwen/Qwen3-VL-8B-Instruct"
@@ -30,23 +35,29 @@ BASE = "Qwen/Qwen3-VL-8B-Instruct"
 
 def _router(live: Path, *, acc: float, adapters=("a", "b"), fp="enc1", bias: int | None = None) -> Path:
     """A candidate beside ``live`` whose router.json says val accuracy ``acc``. Its head predicts class
-    ``bias`` for every input (when given), so its accuracy on :data:`VAL` is known exactly."""
+    ``bias`` for every input (when given), so its accuracy on :data:`VAL` is known exactly; otherwise it
+    reads feature 0, which separates the classes (a router that beats chance, as the gate requires)."""
     shape = HeadShape(in_dim=4, num_labels=len(adapters))
     torch.manual_seed(int(acc * 100))
     head = build_head(shape)
-    if bias is not None:
-        with torch.no_grad():
-            head[-1].weight.zero_()
-            head[-1].bias.zero_()
+    with torch.no_grad():
+        head[-1].weight.zero_()
+        head[-1].bias.zero_()
+        if bias is not None:
             head[-1].bias[bias] = 1.0
+        else:
+            head[-1].weight[0, 0], head[-1].weight[1, 0] = -1.0, 1.0
     meta = RouterMeta(adapters=list(adapters), base_model=BASE, pooling=["mean"], layer=2, num_layers=2, hidden_size=4,
                       head=shape, metrics={"val_acc": acc, "n_val": 48}, encoder_fingerprint=fp)
     return save_router(new_version_dir(live), head, meta)
 
 
 # 48 validation samples: 42 of class 0, 6 of class 1. A head that always says 0 scores 0.875.
-VAL_X = {"mean@2": torch.randn(48, 4, generator=torch.Generator().manual_seed(0))}
+# Feature 0 is -2 for class 0 and +2 for class 1 (what a head that beats chance reads).
 VAL_Y = [0] * 42 + [1] * 6
+_X = torch.randn(48, 4, generator=torch.Generator().manual_seed(0))
+_X[:, 0] = torch.tensor([-2.0 if y == 0 else 2.0 for y in VAL_Y])
+VAL_X = {"mean@2": _X}  # every view this run embedded: the candidates read mean@2
 
 
 def _snapshot(live: Path) -> tuple:
@@ -104,8 +115,129 @@ def test_the_gate_scores_a_live_router_in_its_own_representation_or_says_it_cann
     meta = RouterMeta(adapters=["a", "b"], base_model=BASE, pooling=["last"], layer=1, num_layers=2, hidden_size=4,
                       head=shape, metrics={"val_acc": 0.9, "n_val": 48}, encoder_fingerprint="enc1")
     promote(save_router(new_version_dir(live), head, meta), live)
-    both = {**VAL_X, "last@1": torch.zeros(48, 4)}
+    both = {**VAL_X, "last@1": torch.zeros(48, 4)}  # the live router reads last@1
     with pytest.raises(PromotionRefused, match="live 0.875"):  # scored on last@1, which this run embedded
         promote_with_gate(_router(live, acc=0.5), live, val_views=both, val_labels=VAL_Y)
     d = promote_with_gate(_router(live, acc=0.5), live, val_views=VAL_X, val_labels=VAL_Y)
     assert d.promoted and d.live_val_acc is None and "last @ layer 1, which this run did not embed" in d.message
+
+
+# ---- hardening (issue #12) ------------------------------------------------------------------
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("what", ["notes-folder", "registry-yaml", "project-folder", "dataset-file"])
+def test_router_dir_naming_something_else_is_refused_and_nothing_moves(tmp_path, what):
+    """router.dir over a user's files: refused, never moved into the versions folder (and later pruned)."""
+    path = make_registry(tmp_path, BASE, ["calendar", "claim-window"], n=2)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.md").write_text("keep me")
+    target = {"notes-folder": tmp_path / "notes", "registry-yaml": path, "project-folder": tmp_path,
+              "dataset-file": tmp_path / "data" / "calendar" / "train.jsonl"}[what]
+    cand = _router(tmp_path / "elsewhere" / "router", acc=0.9)
+    before = _tree(tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        promote(cand, target)
+    assert "router.dir" in str(e.value) and "(fix: set router.dir" in str(e.value)
+    with pytest.raises(CheckpointError):
+        RouterLock(target)  # a retrain stops before it starts
+    assert _tree(tmp_path) == before and not target.is_symlink()
+
+
+def test_a_plain_router_folder_is_still_adopted(tmp_path):
+    live = tmp_path / "router"
+    old = _router(tmp_path / "x" / "router", acc=0.5)
+    shutil.copytree(old, live)  # an older layout: a plain folder holding a router
+    promote(_router(live, acc=0.9), live)
+    assert live.is_symlink() and read_meta(live).metrics["val_acc"] == 0.9
+    assert any(read_meta(v).metrics["val_acc"] == 0.5 for v in versions_dir(live).iterdir())
+
+
+@pytest.mark.parametrize("case", ["at-chance", "nan-loss"])
+def test_the_gate_never_promotes_a_router_at_chance_or_with_nan_even_with_force(tmp_path, case):
+    live = tmp_path / "router"
+    cand = _router(live, acc=0.875, bias=0)  # answers class 0 for everything: 0.875 accurate, chance balanced
+    if case == "nan-loss":
+        cand = _router(live, acc=0.9)
+        meta = json.loads((cand / "router.json").read_text())
+        (cand / "router.json").write_text(json.dumps({**meta, "best_loss": float("nan")}))
+    with pytest.raises(PromotionRefused) as e:
+        promote_with_gate(cand, live, val_views=VAL_X, val_labels=VAL_Y, force=True)
+    assert ("does not beat chance 0.500" if case == "at-chance" else "best_loss is nan: training diverged") \
+        in str(e.value)
+    assert "not even with --force" in str(e.value) and not live.exists()
+
+
+@pytest.mark.parametrize("damage,problem", [
+    (lambda d: _edit(d, temperature=float("nan")), "temperature: invalid router.json"),
+    (lambda d: _edit(d, temperature=1e-300), "temperature: invalid router.json"),
+    (lambda d: _edit(d, temperature=float("inf")), "temperature: invalid router.json"),
+    (lambda d: _edit_head(d, "1.weight", float("nan")), "1.weight: 8 NaN/inf values"),
+    (lambda d: _edit_head(d, "0.std", 0.0), "0.std: 4 zero or negative values in the standardizer's std"),
+    (lambda d: _edit(d, head={"kind": "linear", "in_dim": 100_000, "num_labels": 5000}, hidden_size=100_000),
+     "over the limit of 100,000,000"),
+    (lambda d: _edit(d, head={"kind": "linear", "in_dim": 60_000, "num_labels": 1000}, hidden_size=60_000,
+                     adapters=[f"a{i}" for i in range(1000)]),
+     "weights do not match router.json's head shape"),  # 60M floats claimed, 240 MB if allocated first
+], ids=["nan-temperature", "tiny-temperature", "inf-temperature", "nan-weights", "zero-std", "absurd-head",
+        "big-head-not-in-file"])
+def test_a_router_that_would_route_silently_wrong_is_a_checkpoint_error(tmp_path, damage, problem):
+    import resource
+
+    d = _router(tmp_path / "router", acc=0.9)
+    damage(d)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError) as e:
+        load_router(d)
+    assert problem in str(e.value) and "(fix: " in str(e.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 100_000  # KiB: nothing allocated first
+
+
+def _edit(d: Path, **changes) -> None:
+    meta = json.loads((d / "router.json").read_text())
+    (d / "router.json").write_text(json.dumps({**meta, **changes}))
+
+
+def _edit_head(d: Path, name: str, value: float) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(d / "head.safetensors"))
+    state[name] = torch.full_like(state[name], value)
+    save_file(state, str(d / "head.safetensors"))
+
+
+def test_pruning_keeps_the_newest_versions_even_within_one_second(tmp_path):
+    live = tmp_path / "router"
+    made = []
+    for i in range(6):
+        if i == 4:
+            crashed = new_version_dir(live)  # a candidate a crash left without router.json
+        made.append(_router(live, acc=0.5 + i / 100))
+        promote(made[-1], live)
+    assert not crashed.exists()  # removed once older than a promoted version
+    kept = sorted(p.name for p in versions_dir(live).iterdir())
+    assert kept == sorted(p.name for p in made[-KEEP_VERSIONS:])  # the last three, in order
+    assert os.path.realpath(live) == str(made[-1])
+
+
+def test_changed_base_weights_make_the_router_stale(tmp_path, tiny_model_dir):
+    from vlrouter.core.encoder import model_fingerprint
+    from vlrouter.core.status import router_state
+    from vlrouter.core.store import check_router_for
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    path = make_registry(tmp_path, model, ["calendar", "claim-window"], n=2)
+    reg = Registry.load(path)
+    cand = _router(reg.router_dir, acc=0.9, adapters=("calendar", "claim-window"))
+    _edit(cand, base_model=str(model), model_fingerprint=model_fingerprint(str(model)))
+    promote(cand, reg.router_dir)
+    assert router_state(reg)["state"] == "ok"
+    weights = next(model.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten in place
+    state = router_state(reg)
+    assert state["state"] == "stale" and "the base model's weights changed since it was trained" in state["reason"]
+    with pytest.raises(StaleRouterError, match="model_fingerprint: stale router"):
+        check_router_for(read_meta(reg.router_dir), reg)

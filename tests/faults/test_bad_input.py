@@ -116,8 +116,8 @@ CHECKPOINT_CASES = {
                              "format 99 is newer than this vlrouter understands"),
     "names-vs-outputs": (lambda d: _edit_meta(d, adapters=["a", "b", "c"]),
                          "3 adapter names for a head with 2 outputs"),
-    "weights-vs-shape": (lambda d: _edit_meta(d, head={"kind": "linear", "in_dim": 16, "num_labels": 2}),
-                         "weights do not match router.json's head shape"),
+    "weights-vs-shape": (lambda d: _edit_meta(d, head={"kind": "linear", "in_dim": 16, "num_labels": 2},
+                                              hidden_size=16), "weights do not match router.json's head shape"),
     "head-missing": (lambda d: (d / "head.safetensors").unlink(), "head.safetensors not found"),
     "head-truncated": (lambda d: (d / "head.safetensors").write_bytes((d / "head.safetensors").read_bytes()[:50]),
                        "refusing to load it"),
@@ -149,7 +149,11 @@ def test_a_router_for_another_hidden_size_is_stale(engine_project, tmp_path):
 
     root = tmp_path / "p"
     shutil.copytree(engine_project.parent, root, symlinks=True)
-    _edit_meta(root / "runs" / "router", hidden_size=4096)
+    live = root / "runs" / "router"
+    meta = json.loads((live / "router.json").read_text())
+    shape = HeadShape(in_dim=4096, num_labels=len(meta["adapters"]))  # a whole router, made for 4096 features
+    shutil.rmtree(live)
+    save_router(live, build_head(shape), RouterMeta(**{**meta, "hidden_size": 4096, "head": shape}))
     with pytest.raises(StaleRouterError, match=r"hidden_size: stale router: trained on features of size 4096.*"
                                                r"router retrain"):
         Engine.from_registry(root / "registry.yaml", device="cpu")

@@ -263,3 +263,62 @@ def test_two_concurrent_retrains_one_runs_the_other_says_the_lock_is_held(projec
     (new,) = _versions(project) - versions
     assert os.path.realpath(project / "runs" / "router") == str(new.resolve())
     assert load_router(project / "runs" / "router")[1].adapters == NEW
+
+
+# ---- a reader while the live router flips ---------------------------------------------------------
+
+_LOADER = r"""
+import json, sys, time
+from vlrouter.core.errors import CheckpointError
+from vlrouter.core.store import load_router
+live, seconds = sys.argv[1], float(sys.argv[2])
+counts = {"loads": 0, "mixed": 0, "errors": 0}
+load_router(live)  # imports torch + safetensors before the clock starts
+print("ready", flush=True)
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        head, meta = load_router(live)
+    except CheckpointError as e:  # allowed: one clear error; never a mix
+        counts["errors"] += 1
+        continue
+    counts["loads"] += 1
+    # each version's bias encodes its own tag: a head read from the other version shows up here
+    if round(float(head[-1].bias[0]), 3) != meta.metrics["tag"] or meta.adapters != meta.metrics["names"]:
+        counts["mixed"] += 1
+print(json.dumps(counts), flush=True)
+"""
+
+
+def test_a_loader_during_a_flip_loop_always_gets_one_whole_version(tmp_path):
+    """Promotion flips the live router between two versions as fast as it can while another process loads it:
+    every load is one consistent version (router.json and head.safetensors from the same folder)."""
+    import torch
+
+    from vlrouter.core.head import HeadShape, build_head
+    from vlrouter.core.store import RouterMeta, new_version_dir, promote, save_router
+
+    live = tmp_path / "runs" / "router"
+    versions = []
+    for tag, names in ((1.0, ["a", "b"]), (2.0, ["b", "a"])):
+        shape = HeadShape(in_dim=8, num_labels=2)
+        head = build_head(shape)
+        with torch.no_grad():
+            head[-1].bias.fill_(tag)
+        meta = RouterMeta(adapters=names, base_model="m", pooling="mean", layer=-1, hidden_size=8, head=shape,
+                          metrics={"tag": tag, "names": names, "val_acc": 1.0})
+        versions.append(save_router(new_version_dir(live), head, meta))
+    promote(versions[0], live)
+    seconds = 3.0
+    proc = subprocess.Popen([sys.executable, "-c", _LOADER, str(live), str(seconds)], stdout=subprocess.PIPE,
+                            text=True, env=_env())
+    assert proc.stdout.readline().strip() == "ready"
+    flips, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end and proc.poll() is None:
+        promote(versions[flips % 2 == 0], live)
+        flips += 1
+    out, _ = proc.communicate(timeout=30)
+    counts = json.loads(out.strip().splitlines()[-1])
+    assert counts["mixed"] == 0, counts
+    assert counts["loads"] > 20 and flips > 20, (counts, flips)
+    assert sorted(p.name for p in live.parent.iterdir()) == [".router.versions", "router"]  # no temp links left

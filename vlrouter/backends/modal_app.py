@@ -52,10 +52,18 @@ from vlrouter.backends.modal_run import (
     ENV_OUTPUT_VOLUME,
 )
 from vlrouter.core.data import SPLITS, load_routing_dataset
-from vlrouter.core.encoder import VIEWS, Encoder, view_key
-from vlrouter.core.features import FeatureCache, digest_shard, embed_prepared_items, feature_key, prepare_shard
+from vlrouter.core.encoder import Encoder, set_prompt_token_limit
+from vlrouter.core.features import (
+    FeatureCache,
+    _processor_for,
+    digest_shard,
+    embed_prepared_items,
+    feature_key,
+    prepare_shard,
+)
 from vlrouter.core.options import TrainOptions
 from vlrouter.core.recipe import SplitFeatures, embed_splits, fit_candidate, layers_to_embed
+from vlrouter.core.views import VIEWS, view_key
 
 # ---- settings (env, set by modal_run before import) -------------------------------------
 
@@ -201,7 +209,7 @@ def preprocessed_path(root: Path, split: str, index: int) -> Path:
 
 @app.function(**function_options("process_shard"))
 def process_shard(shard: int, *, num_shards: int, dataset: str, base_model: str, revision: str | None = None,
-                  data_root: str = DATA_ROOT, chunk: int = 8) -> dict[str, Any]:
+                  data_root: str = DATA_ROOT, chunk: int = 8, max_prompt_tokens: int | None = None) -> dict[str, Any]:
     """CPU: process shard ``shard`` of ``num_shards`` (every ``num_shards``-th sample).
 
     Fanned out with ``process_shard.map(range(num_shards), kwargs={...})``.
@@ -220,6 +228,8 @@ def process_shard(shard: int, *, num_shards: int, dataset: str, base_model: str,
     ds_dir = root / DATASETS_DIR / safe_name(dataset)
     out_root = root / PREPROCESSED_DIR / safe_name(dataset) / model_slug(base_model, revision)
     mine = dataset_items(ds_dir)[shard::num_shards]
+    if max_prompt_tokens is not None:  # registry.yaml's router.max_prompt_tokens, as on the caller's machine
+        set_prompt_token_limit(_processor_for(base_model, revision), max_prompt_tokens)
     todo = [(split, i, s) for split, i, s in mine if not preprocessed_path(out_root, split, i).is_file()]
     for start in range(0, len(todo), chunk):  # bounded memory: a screenshot's pixel tensor is megabytes
         part = todo[start:start + chunk]
@@ -240,7 +250,7 @@ def process_shard(shard: int, *, num_shards: int, dataset: str, base_model: str,
 @app.function(**function_options("embed"))
 def embed(dataset: str, run_id: str, base_model: str, *, layer: str | int = "auto",
           dtype: str | None = None, revision: str | None = None, batch_size: int = 8, workers: int = 1,
-          data_root: str = DATA_ROOT) -> dict[str, Any]:
+          data_root: str = DATA_ROOT, max_prompt_tokens: int | None = None) -> dict[str, Any]:
     """GPU: every pooled view of every sample at the layers ``router.layer`` asks for, into the feature cache.
 
     1. Samples that ``process_shard`` prepared and the cache lacks are forwarded in
@@ -263,6 +273,8 @@ def embed(dataset: str, run_id: str, base_model: str, *, layer: str | int = "aut
     ds_dir = root / DATASETS_DIR / safe_name(dataset)
     pre_root = root / PREPROCESSED_DIR / safe_name(dataset) / model_slug(base_model, revision)
     encoder = Encoder.load(base_model, dtype=dtype, revision=revision)
+    if max_prompt_tokens is not None:
+        set_prompt_token_limit(encoder.processor, max_prompt_tokens)
     fp = encoder.fingerprint()
     cache = FeatureCache(root / FEATURE_CACHE_DIR, fp)
     layers = layers_to_embed(layer, encoder.num_layers)

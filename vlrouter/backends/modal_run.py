@@ -403,14 +403,16 @@ def retrain_modal(request: RetrainRequest) -> Candidate:
             with prog.task(step, total=shards) as t:
                 for _ in mapp.process_shard.map(range(shards), kwargs={
                         "num_shards": shards, "dataset": name, "base_model": load_from,
-                        "revision": opts.base_model_revision}, order_outputs=False):
+                        "revision": opts.base_model_revision, "max_prompt_tokens": opts.max_prompt_tokens},
+                        order_outputs=False):
                     t.advance()
             step = f"embedding on {gpu}"
             with prog.task(step, total=None):
                 embed_info = mapp.embed.remote(
                     name, run_id, load_from, layer=opts.layer, dtype=opts.dtype,
                     revision=opts.base_model_revision, batch_size=opts.embed_batch_size,
-                    workers=max(1, min(opts.workers, int(mapp.RESOURCES["embed"].get("cpu", 1)))))
+                    workers=max(1, min(opts.workers, int(mapp.RESOURCES["embed"].get("cpu", 1)))),
+                    max_prompt_tokens=opts.max_prompt_tokens)
             prog.log(f"features: embedded {embed_info['embedded_new']} new, "
                      f"reused {embed_info['reused_cached']} cached")
             step = f"training the head on {gpu}"

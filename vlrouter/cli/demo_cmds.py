@@ -11,8 +11,7 @@ from rich.table import Table
 
 from vlrouter.cli.app import app
 from vlrouter.cli.ui import RichProgress, console
-from vlrouter.core.errors import InputError, located
-from vlrouter.demo.pipeline import DemoConfig, run_demo
+from vlrouter.demo.pipeline import DemoConfig, check_demo_dir, run_demo
 
 
 def _step(title: str) -> None:
@@ -73,9 +72,7 @@ def demo_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed for data, adapters and router.")] = 0,
 ) -> None:
     """Run the offline demo: datasets, tiny base model, LoRAs, retrain, add-adapter, eval, act."""
-    if directory.exists() and (directory / "registry.yaml").exists():
-        raise InputError(located(directory, None, "a demo already lives here",
-                                 fix="choose another folder or delete it"))
+    check_demo_dir(directory)  # before anything is printed or built
     start = time.perf_counter()
     _step("vlrouter demo: synthetic screenshots, tiny Qwen3-VL, 4 LoRA adapters")
     report = run_demo(directory, DemoConfig(samples_per_task=samples, lora_steps=lora_steps, seed=seed,

@@ -16,6 +16,7 @@ from rich.table import Table
 from vlrouter.cli.app import app
 from vlrouter.cli.options import DEFAULT_REGISTRY, DeviceOpt, JsonOpt, RegistryOpt
 from vlrouter.cli.ui import RichProgress, console, print_json
+from vlrouter.core.data import prompt_problem
 from vlrouter.core.engine import Engine
 from vlrouter.core.errors import InputError, located
 from vlrouter.core.images import open_image
@@ -26,10 +27,15 @@ MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="M
 
 
 def _inputs(image: str, prompt: str):
-    """Open the image and check the prompt before the (slow) model load: bad input fails fast."""
+    """Open the image and check the prompt before the (slow) model load: bad input fails fast.
+
+    The engine checks the prompt again against the tokenizer (special tokens, length)."""
     if not prompt.strip():
         raise InputError(located(None, "PROMPT", "prompt is empty",
                                  fix="pass the instruction text, e.g. 'Click March 29'"))
+    problem = prompt_problem(prompt)
+    if problem:
+        raise InputError(located(None, "PROMPT", f"prompt {problem}", fix="remove it from the instruction"))
     return open_image(image), prompt
 
 

@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from vlrouter.cli.ui import json_mode
+
 RegistryOpt = Annotated[
     Path,
     typer.Option("--registry", "-r", envvar="VLROUTER_REGISTRY", help="Path to registry.yaml.",
@@ -14,7 +16,8 @@ RegistryOpt = Annotated[
 ]
 DEFAULT_REGISTRY = Path("registry.yaml")
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+JsonOpt = Annotated[bool, typer.Option("--json", callback=json_mode,
+                                       help="Print machine-readable JSON instead of tables (errors too).")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 … (default: auto).")]
 
 # The seed's training flags; they override registry.yaml's `train:` values.

@@ -35,7 +35,8 @@ from vlrouter.cli.options import (
     overrides,
 )
 from vlrouter.cli.ui import RichProgress, console, print_json
-from vlrouter.core.errors import InputError, PromotionRefused, located
+from vlrouter.core.errors import InputError, located
+from vlrouter.core.features import POOL_MIN_SAMPLES
 from vlrouter.core.metrics import plot_confusion
 from vlrouter.core.options import resolve_options
 from vlrouter.core.recipe import RetrainResult, build_dataset, evaluate_router, run_embed, run_retrain, run_train
@@ -48,7 +49,8 @@ DatasetOpt = Annotated[Optional[Path], typer.Option(
                       "train.datasets_dir.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling/split/training seed (train.seed).")]
 WorkersOpt = Annotated[Optional[int], typer.Option(
-    "--workers", min=1, help="Processes for image decoding + the processor (train.workers).")]
+    "--workers", min=1, max=256, help="Processes for image decoding + the processor (train.workers; default auto: "
+                                      "1 below 4 CPU cores, else min(4, cores - 1)).")]
 
 
 class Split(str, enum.Enum):
@@ -108,12 +110,6 @@ def _report(result: RetrainResult, *, as_json: bool) -> None:
     t.add_row("router", escape(result.router_dir))
     console.print(t)
     console.print(("[green]" if result.promoted else "[yellow]") + escape(result.message) + "[/]", highlight=False)
-
-
-def _refused(err: PromotionRefused, as_json: bool) -> None:
-    if as_json:
-        print_json({"promoted": False, "message": str(err), "candidate_dir": getattr(err, "candidate_dir", None),
-                    "val_acc": getattr(err, "val_acc", None), "live_val_acc": getattr(err, "live_val_acc", None)})
 
 
 @app.command("build-dataset")
@@ -176,6 +172,10 @@ def embed_cmd(
     console.print(f"{escape(stats['dataset_dir'])}: {stats['samples']} samples; embedded {stats['embedded_new']} "
                   f"new, reused {stats['reused_cached']} cached ({stats['seconds']:.1f}s); cache "
                   f"{escape(stats['cache_dir'])}", highlight=False)
+    console.print(f"workers: {stats['workers_chosen']} ({escape(stats['workers_note'])})"
+                  + ("" if stats["workers"] == stats["workers_chosen"] else
+                     f"; {stats['workers']} used: worker processes start only for {POOL_MIN_SAMPLES}+ samples"),
+                  highlight=False)
 
 
 @app.command("train")
@@ -199,11 +199,7 @@ def train_cmd(
     reg = Registry.load(registry)
     opts = resolve_options(reg, overrides(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
                                           base_model_id=base_model_id, seed=seed, device=device))
-    try:
-        result = run_train(reg, opts, dataset_dir=dataset, force=force, progress=RichProgress())
-    except PromotionRefused as e:
-        _refused(e, as_json)
-        raise
+    result = run_train(reg, opts, dataset_dir=dataset, force=force, progress=RichProgress())
     _report(result, as_json=as_json)
 
 
@@ -236,11 +232,7 @@ def retrain_cmd(
     if gpu and opts.backend != "modal":
         raise InputError(located(None, "--gpu", "chooses a Modal GPU", fix="add --backend modal, or drop --gpu"))
     fn = get_backend(get_plugin_manager(reg), opts.backend)
-    try:
-        result = run_retrain(reg, opts, fn, force=force, progress=RichProgress())
-    except PromotionRefused as e:
-        _refused(e, as_json)
-        raise
+    result = run_retrain(reg, opts, fn, force=force, progress=RichProgress())
     _report(result, as_json=as_json)
 
 

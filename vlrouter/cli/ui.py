@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,30 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+class _Mode:
+    """Per-invocation output mode: ``json`` is set by ``--json`` (errors then go to stdout as JSON too)."""
+
+    json: bool = False
+
+
+mode = _Mode()
+
+
+def json_mode(value: bool) -> bool:
+    """``--json``'s callback: remember it for the error boundary."""
+    if value:
+        mode.json = True
+    return value
+
+
+def progress_enabled(con: Console) -> bool:
+    """Bars and spinners only on a terminal (none as residue in logs or pipes); VLROUTER_PROGRESS=1/0 forces."""
+    forced = os.environ.get("VLROUTER_PROGRESS", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return con.is_terminal
+
+
 class RichProgress:
     """Implements :class:`vlrouter.core.progress.Progress` with rich bars on stderr."""
 
@@ -27,8 +52,8 @@ class RichProgress:
     def task(self, description: str, total: int | None = None) -> Iterator[object]:
         columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn()]
-        with Progress(*columns, console=self.console, transient=False, disable=not self.console.is_terminal
-                      and os.environ.get("VLROUTER_PROGRESS", "1") == "0") as prog:
+        with Progress(*columns, console=self.console, transient=False,
+                      disable=not progress_enabled(self.console)) as prog:
             tid = prog.add_task(description, total=total)
 
             class _Handle:
@@ -71,5 +96,28 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _finite(data):
+    """NaN/inf (not JSON) as null, recursively."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
+
+
 def print_json(data) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """Valid JSON on stdout, always (``allow_nan=False``: NaN/inf become null)."""
+    sys.stdout.write(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def fail_json(err: BaseException, message: str, code: int) -> None:
+    """Under ``--json``: the error as one JSON object on stdout (the one line still goes to stderr)."""
+    out = {"error": {"type": type(err).__name__, "message": message, "exit_code": code}}
+    for key in ("candidate_dir", "val_acc", "live_val_acc"):
+        if getattr(err, key, None) is not None:
+            out["error"][key] = getattr(err, key)
+    if getattr(err, "candidate_dir", None) is not None:
+        out["promoted"] = False
+    print_json(out)

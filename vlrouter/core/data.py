@@ -65,13 +65,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlrouter.core.errors import DatasetError, located
-from vlrouter.core.images import MAX_PIXELS, MAX_SIDE
+from vlrouter.core.images import size_problem
+from vlrouter.core.paths import check_regular_file
 from vlrouter.core.progress import Progress, progress_or_null
 
 if TYPE_CHECKING:
     from vlrouter.core.registry import Registry
 
 IMAGE_TOKEN = "<image>"
+# Qwen's chat-format special tokens look like <|im_start|>, <|image_pad|>, <|vision_end|>: text holding one
+# would be read as chat structure (an extra image placeholder, a forged turn), so instructions may not.
+SPECIAL_TOKEN_RE = re.compile(r"<\|[^|<>\s]{1,64}\|>")
 _CR_ONLY = re.compile(r"\r(?!\n)")
 SPLITS = ("train", "val", "eval")
 METADATA_FILE = "metadata.json"
@@ -152,7 +156,27 @@ def _turns(record: dict, where: str, line: int) -> tuple[str, str | None]:
     if not prompt:
         raise DatasetError(located(where, "conversations", "the human turn has no instruction after <image>",
                                    line=line, fix='write the instruction, e.g. "<image>\\nClick March 29"'))
+    problem = prompt_problem(prompt)
+    if problem:
+        raise DatasetError(located(where, "conversations", f"the instruction {problem}", line=line,
+                                   fix="remove it from the human turn"))
     return prompt, gpt if isinstance(gpt, str) else None
+
+
+def prompt_problem(text: str) -> str | None:
+    """Why ``text`` cannot be an instruction (lone surrogate, a chat special token), or None.
+
+    Shared by the dataset reader (an error naming file:line) and the encoder's formatting
+    (:func:`vlrouter.core.encoder.check_prompts`), so training and inference refuse the same text.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"is not valid Unicode text (a lone surrogate at character {e.start})"
+    m = SPECIAL_TOKEN_RE.search(text)
+    if m:
+        return f"holds the special token {m.group(0)!r}, which the model's chat format reserves"
+    return None
 
 
 def strip_image_token(text: str) -> str:
@@ -165,6 +189,7 @@ def strip_image_token(text: str) -> str:
 
 def _iter_records(path: Path):
     """Yield ``(line_no, record)`` for every non-blank line; errors name file:line."""
+    check_regular_file(path, what="dataset", error=DatasetError, fix="point at a .jsonl file")
     try:
         fh = path.open("rb")  # decoded line by line, so a bad byte is reported on its own line
     except FileNotFoundError:
@@ -214,15 +239,16 @@ def verify_image(path: str | Path) -> str | None:
     from PIL import Image
 
     p = Path(path)
-    if not p.is_file():
+    if not p.is_file():  # also a FIFO or a device: never opened
         return "missing"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as img:
                 w, h = img.size
-                if w <= 0 or h <= 0 or w > MAX_SIDE or h > MAX_SIDE or w * h > MAX_PIXELS:
-                    return f"{w}x{h} pixels is over the limit"
+                problem = size_problem(w, h)
+                if problem:
+                    return problem[0]
                 img.verify()
     except Exception as e:  # UnidentifiedImageError, SyntaxError (bad CRC), OSError (truncated), bombs
         return f"{type(e).__name__}: {e}"

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -48,23 +49,14 @@ from typing import Any
 import pluggy
 
 from vlrouter.core.actions import UIAction
-from vlrouter.core.encoder import (
-    TokenIds,
-    build_inputs,
-    encode_views,
-    inner_vl_model,
-    load_base_model,
-    load_processor,
-    num_text_layers,
-    resolve_layer,
-    view_key,
-)
+from vlrouter.core.encoder import build_inputs, load_base_model, load_processor, set_prompt_token_limit
 from vlrouter.core.errors import InputError, LowConfidenceError, RegistryError, StaleRouterError, located
 from vlrouter.core.images import open_image
 from vlrouter.core.lora import AdapterSource, check_adapter_checkpoint, load_adapters, vision_adapters
 from vlrouter.core.ood import OODModel
 from vlrouter.core.registry import Registry
 from vlrouter.core.store import META_FILE, RouterMeta, check_router_for, read_router
+from vlrouter.core.views import TokenIds, encode_views, inner_vl_model, num_text_layers, resolve_layer, view_key
 from vlrouter.plugins.manager import get_plugin_manager, parse_action
 
 __all__ = ["BASE", "Action", "Engine", "Route"]
@@ -138,8 +130,7 @@ class Action:
             "ood_score": self.ood_score,
             "known": self.known,
             "text": self.text,
-            "action": None if self.action is None else {"name": self.action.name, "args": dict(self.action.args),
-                                                        "call": str(self.action)},
+            "action": None if self.action is None else self.action.to_dict(),
             "timings": dict(self.timings),
         }
 
@@ -225,6 +216,7 @@ class Engine:
         if not m.adapters:
             raise RegistryError(located(reg.path, "adapters", "no adapters registered",
                                         fix="add one with `router add-adapter NAME`"))
+        reg.check_base_model()
         router = read_router(reg.router_dir)
         meta = router.meta
         check_router_for(meta, reg)
@@ -236,6 +228,7 @@ class Engine:
         for src in sources:
             check_adapter_checkpoint(src, [m.base_model, reg.base_model] if check_base_model else [])
         processor = load_processor(reg.base_model, revision=m.base_model_revision)
+        set_prompt_token_limit(processor, m.router.max_prompt_tokens)
         base = load_base_model(reg.base_model, device=device, dtype=dtype or m.router.dtype,
                                revision=m.base_model_revision)
         hidden = int(base.config.text_config.hidden_size)
@@ -249,6 +242,13 @@ class Engine:
         return cls(model, processor, router.head, meta, plugin_manager=plugin_manager,
                    min_confidence=m.router.min_confidence, fallback=m.router.fallback,
                    ood=router.ood if m.router.ood != "off" else None)
+
+    def __repr__(self) -> str:
+        dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
+        base = getattr(self.base_model.config, "_name_or_path", "") or type(self.base_model).__name__
+        return (f"Engine(adapters={self.adapters}, base_model={base!r}, device={str(self.device)!r}, "
+                f"dtype={dtype!r}, min_confidence={self.min_confidence}, fallback={self.fallback!r}, "
+                f"temperature={self.meta.temperature:g}, router_created={self.meta.created_at!r})")
 
     # ---- properties ---------------------------------------------------------------------
     @property
@@ -315,7 +315,7 @@ class Engine:
             return self._features(batch)[0]
 
     def route(self, image, prompt: str) -> Route:
-        """Which adapter should act on (image, prompt). ``image``: a PIL image, a path or bytes."""
+        """Which adapter should act on (image, prompt). ``image``: a PIL image, a path, bytes or a numpy array."""
         return self.route_batch([(image, prompt)])[0]
 
     def route_batch(self, items: Sequence[tuple[Any, str]]) -> list[Route]:
@@ -326,7 +326,14 @@ class Engine:
     # ---- acting -------------------------------------------------------------------------
     def _decide(self, route: Route, index: int | None = None) -> str:
         """The adapter that generates: the routed one, or ``router.fallback`` when the input is not known
-        (unlike any adapter's data) or the confidence is below ``min_confidence``."""
+        (unlike any adapter's data) or the confidence is below ``min_confidence``.
+
+        NaN probabilities (features that overflowed) are an error, never a quiet fallback."""
+        if not math.isfinite(route.confidence):
+            item = f"item {index}: " if index is not None else ""
+            raise InputError(located(None, "router", f"{item}the router's probabilities are not finite (NaN/inf): "
+                                     "the routing features overflowed", fix="set router.dtype: float32 (or "
+                                     "bfloat16) in registry.yaml; float16 overflows on large activations"))
         if route.known and route.confidence >= self.min_confidence:
             return route.adapter
         if self.fallback == "error":

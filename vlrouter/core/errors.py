@@ -90,6 +90,10 @@ class BackendError(RouterError):
     """A training backend failed (unknown backend, Modal credentials, connectivity)."""
 
 
+class StorageError(RouterError):
+    """A file or folder could not be written: disk full, read-only, permission denied, a file where a folder goes."""
+
+
 class InputError(RouterError):
     """A bad argument from a caller: empty prompt, unknown adapter name, bad option value."""
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -44,10 +45,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlrouter.core.atomic import atomic_target
-from vlrouter.core.encoder import VIEWS, Encoder, build_inputs, load_processor, resolve_layer, view_key
+from vlrouter.core.encoder import Encoder, build_inputs, load_processor, prompt_token_limit, set_prompt_token_limit
 from vlrouter.core.errors import ImageError, InputError, TrainingError, located
 from vlrouter.core.images import image_digest, open_image
 from vlrouter.core.progress import Progress, progress_or_null
+from vlrouter.core.views import VIEW_WIDTH, VIEWS, resolve_layer, view_key
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +61,9 @@ MP_CONTEXT = "spawn"  # never fork a process that holds torch threads / a model
 # Worker processes start only for at least this many samples to decode/process: each
 # spawned worker imports torch + transformers (seconds), more than small batches cost.
 POOL_MIN_SAMPLES = 32
+
+
+_VIEW_NAME = re.compile(r"[a-z-]+@\d+")
 
 
 def feature_key(encoder_fp: str, image_digest: str, prompt: str) -> str:
@@ -109,8 +114,12 @@ class FeatureCache:
         already stored for ``key`` that ``views`` does not replace."""
         from safetensors.torch import save_file
 
-        merged = dict(self.get_all(key) or {})
-        merged.update({n: t.detach().float().cpu().contiguous() for n, t in views.items()})
+        fresh = {n: t.detach().float().cpu().contiguous() for n, t in views.items()}
+        width = {n: int(t.shape[0]) for n, t in fresh.items()}
+        old = {n: t for n, t in (self.get_all(key) or {}).items() if _VIEW_NAME.fullmatch(n)}
+        hidden = min(width.values()) if width else None  # the plain views are H wide
+        merged = {n: t for n, t in old.items() if hidden is not None and usable_views({n: t}, hidden)}
+        merged.update(fresh)
         p = self.path(key)
         with atomic_target(p) as tmp:
             save_file(merged, str(tmp), metadata={"encoder": self.encoder_fp, **(meta or {})})
@@ -132,8 +141,8 @@ def _processor_for(base_model: str, revision: str | None = None):
     return _PROCESSORS[key]
 
 
-def _worker_init(base_model: str, revision: str | None) -> None:
-    """Pool initializer: one torch thread per worker, processor loaded once."""
+def _worker_init(base_model: str, revision: str | None, max_prompt_tokens: int | None = None) -> None:
+    """Pool initializer: one torch thread per worker, processor loaded once (with the run's prompt limit)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
@@ -144,7 +153,9 @@ def _worker_init(base_model: str, revision: str | None) -> None:
         transformers.utils.logging.set_verbosity_error()
     except Exception:
         pass
-    _processor_for(base_model, revision)
+    proc = _processor_for(base_model, revision)
+    if max_prompt_tokens is not None:
+        set_prompt_token_limit(proc, max_prompt_tokens)
 
 
 def _open(sample: Sample):
@@ -170,7 +181,10 @@ def prepare_shard(base_model: str, samples: Sequence[Sample], *, revision: str |
     proc = processor if processor is not None else _processor_for(base_model, revision)
     out = []
     for s in samples:
-        batch = build_inputs(proc, [_open(s)], [s.prompt])
+        try:
+            batch = build_inputs(proc, [_open(s)], [s.prompt])
+        except InputError as e:  # a prompt refused by the encoder's check: name the dataset line
+            raise InputError(f"{s.source}: {e}") from None
         out.append({k: v for k, v in batch.items()})
     return out
 
@@ -250,7 +264,8 @@ def make_pool(encoder: Encoder, workers: int) -> ProcessPoolExecutor | None:
     if workers <= 1:
         return None
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(MP_CONTEXT),
-                               initializer=_worker_init, initargs=(encoder.base_model, encoder.revision))
+                               initializer=_worker_init, initargs=(encoder.base_model, encoder.revision,
+                                                                   prompt_token_limit(encoder.processor)))
 
 
 def _prepare_job(base_model: str, revision: str | None, samples: Sequence[Sample]):
@@ -324,7 +339,7 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
             if k in have or k in missing:
                 n_new += k in missing
                 continue
-            views = cache.get(k, names)  # None when absent, unreadable or short of a layer: embedded again
+            views = usable_views(cache.get(k, names), encoder.hidden_size)  # None: absent, damaged, short a layer
             if views is None:
                 n_new += 1
                 missing[k] = s
@@ -359,6 +374,20 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
              "layers": layers}
     prog.log(f"features: embedded {stats['embedded_new']} new, reused {stats['reused_cached']} cached")
     return feats, stats
+
+
+def usable_views(views: dict[str, torch.Tensor] | None, dim: int) -> dict[str, torch.Tensor] | None:
+    """Cached views, or None when one is not a vector of finite floats of its view's width (then the sample
+    is embedded again and the entry rewritten): a damaged or foreign entry must not break every later retrain."""
+    import torch
+
+    if views is None:
+        return None
+    for name, t in views.items():
+        width = VIEW_WIDTH.get(name.split("@")[0], 1) * int(dim)
+        if t.ndim != 1 or int(t.shape[0]) != width or not torch.isfinite(t).all():
+            return None
+    return views
 
 
 def check_features(views: dict[str, torch.Tensor], where: str | Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     import torch
@@ -19,9 +19,41 @@ class HeadShape(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     kind: Literal["linear", "mlp"] = "linear"
-    in_dim: int
-    hidden: int = 0
-    num_labels: int
+    in_dim: int = Field(ge=1, le=131_072)
+    hidden: int = Field(0, ge=0, le=65_536)
+    num_labels: int = Field(ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _size(self) -> HeadShape:
+        """Refuse shapes no router has (checked from router.json before anything is allocated)."""
+        if self.kind == "mlp" and self.hidden < 1:
+            raise ValueError("an mlp head needs hidden >= 1")
+        n = sum(_prod(s) for s in head_param_shapes(self).values())
+        if n > MAX_HEAD_PARAMS:
+            raise ValueError(f"a head of {n:,} parameters is over the limit of {MAX_HEAD_PARAMS:,}")
+        return self
+
+
+MAX_HEAD_PARAMS = 100_000_000  # a linear head on an 8B model's 4096 features has ~4096 x labels
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def head_param_shapes(shape: HeadShape) -> dict[str, tuple[int, ...]]:
+    """Every tensor :func:`build_head` makes for ``shape``, by state-dict name (nothing allocated)."""
+    d, k = shape.in_dim, shape.num_labels
+    out: dict[str, tuple[int, ...]] = {"0.mean": (d,), "0.std": (d,)}
+    if shape.kind == "linear":
+        out.update({"1.weight": (k, d), "1.bias": (k,)})
+    else:
+        out.update({"1.weight": (shape.hidden, d), "1.bias": (shape.hidden,), "4.weight": (k, shape.hidden),
+                    "4.bias": (k,)})
+    return out
 
 
 def standardize_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,8 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlrouter.core.encoder import inner_vl_model
 from vlrouter.core.errors import InputError, ModelLoadError, located
+from vlrouter.core.paths import check_regular_file
+from vlrouter.core.views import inner_vl_model
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_WEIGHTS = "adapter_model.bin"  # a torch.save pickle: never loaded
 
 
 @dataclass(frozen=True)
@@ -63,15 +67,15 @@ def check_adapter_checkpoint(src: AdapterSource, base_model_names: Sequence[str]
         raise src.err(f"checkpoint for adapter {src.name!r} is not a PEFT adapter folder "
                       f"(no adapter_config.json): {p}", fix="point at the folder `save_pretrained` wrote")
     try:
+        if cfg_path.stat().st_size > 1 << 20:
+            raise ValueError("over 1 MiB, not a config")
         cfg = json.loads(cfg_path.read_text())
         if not isinstance(cfg, dict):
             raise TypeError("top level is not an object")
     except (ValueError, TypeError, UnicodeDecodeError) as e:
         raise src.err(f"adapter {src.name!r}: {cfg_path} is not valid JSON ({e})",
                       fix="re-save the adapter with peft's save_pretrained") from None
-    if not any(f.is_file() for f in (p / "adapter_model.safetensors", p / "adapter_model.bin")):
-        raise src.err(f"checkpoint for adapter {src.name!r} has no adapter_model.safetensors: {p}",
-                      fix="re-save the adapter with peft's save_pretrained")
+    check_weights_file(src)
     made_for = cfg.get("base_model_name_or_path")
     names = [n for n in base_model_names if n]
     if made_for and names and _model_basename(made_for) not in {_model_basename(n) for n in names}:
@@ -82,6 +86,50 @@ def check_adapter_checkpoint(src: AdapterSource, base_model_names: Sequence[str]
     return cfg
 
 
+def check_weights_file(src: AdapterSource) -> None:
+    """The adapter's weights are a whole ``adapter_model.safetensors`` (header read, coverage checked by
+    safetensors, nothing loaded). A pickled ``adapter_model.bin`` is refused: loading one runs code."""
+    from safetensors import SafetensorError, safe_open
+
+    p = src.path
+    st, pk = p / WEIGHTS_FILE, p / PICKLE_WEIGHTS
+    if not st.exists():
+        if pk.exists():
+            raise src.err(f"adapter {src.name!r} has only {pk} (a pickle, which can run code when loaded); "
+                          "vlrouter loads LoRA weights only from safetensors",
+                          fix="where you trust the file, load the adapter with peft and save it again with "
+                              "save_pretrained(..., safe_serialization=True), which writes adapter_model.safetensors")
+        raise src.err(f"checkpoint for adapter {src.name!r} has no {WEIGHTS_FILE}: {p}",
+                      fix="re-save the adapter with peft's save_pretrained")
+    check_regular_file(st, what="adapter weights", where=src.file, field=src.field, error=ModelLoadError,
+                       fix="point the checkpoint at the folder `save_pretrained` wrote")
+    try:
+        with safe_open(str(st), framework="pt") as f:
+            names = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise src.err(f"adapter {src.name!r}: {st} is damaged or truncated ({e})",
+                      fix="copy the adapter again, or re-save it with peft's save_pretrained") from None
+    if not names:
+        raise src.err(f"adapter {src.name!r}: {st} holds no weights", fix="re-save the adapter with peft's "
+                                                                         "save_pretrained")
+
+
+def _key_adapter(key: str) -> str | None:
+    """The adapter a peft parameter name belongs to: the segment after ``lora_A``/``lora_B``/… ."""
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("lora_"):
+            return parts[i + 1]
+    return None
+
+
+def missing_for(name: str, keys) -> list[str]:
+    """The missing keys that are this adapter's own. peft lists every key whose text *contains* the new
+    adapter's name, so ``settings`` beside ``settings-toggle`` (or ``a`` beside any ``lora_A``) would
+    otherwise look like an adapter without weights."""
+    return [str(k) for k in keys if _key_adapter(str(k)) == name]
+
+
 def load_adapters(base, sources: Sequence[AdapterSource]):
     """Wrap ``base`` (modified in place) in ONE ``PeftModel`` holding every adapter by name.
 
@@ -90,6 +138,7 @@ def load_adapters(base, sources: Sequence[AdapterSource]):
     weights missing from the checkpoint.
     """
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     if not sources:
         raise InputError(located(None, "adapters", "no adapters to load",
@@ -107,18 +156,18 @@ def load_adapters(base, sources: Sequence[AdapterSource]):
                 else:
                     result = model.load_adapter(str(src.path), adapter_name=src.name, is_trainable=False,
                                                 torch_device=device)
-                    missing = list(result.missing_keys)
+                    missing = missing_for(src.name, result.missing_keys)
             except RuntimeError as e:  # size mismatch from load_state_dict
                 lines = str(e).splitlines()
                 first = next((ln.strip() for ln in lines if "size mismatch" in ln), lines[0])
                 raise src.err(f"adapter {src.name!r} ({src.path}) does not fit the base model: {first}", fix=fix) \
                     from None
-            except (ValueError, KeyError, TypeError, OSError) as e:
-                raise src.err(f"adapter {src.name!r} ({src.path}) cannot be loaded: {type(e).__name__}: {e}",
-                              fix=fix) from None
+            except (ValueError, KeyError, TypeError, OSError, SafetensorError) as e:
+                raise src.err(f"adapter {src.name!r} ({src.path}) cannot be loaded: {type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]}", fix=fix) from None
         for w in caught:  # keep peft's other warnings visible, except library-internal deprecations
-            if "missing adapter keys" not in str(w.message) and not issubclass(w.category, (FutureWarning,
-                                                                                           DeprecationWarning)):
+            if "missing adapter keys" not in str(w.message) and "should not be contained in the prefix" not in \
+                    str(w.message) and not issubclass(w.category, (FutureWarning, DeprecationWarning)):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if missing:
             raise src.err(f"adapter {src.name!r} ({src.path}) lacks weights for modules the config targets: "

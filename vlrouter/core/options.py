@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import ValidationError, model_validator
 
 from vlrouter.core.errors import InputError, located
 from vlrouter.core.registry import Registry, TrainSection, suggest
@@ -23,6 +23,7 @@ class TrainOptions(TrainSection):
     ood: str = "auto"
     dtype: str = "auto"
     solver_reason: str = ""
+    max_prompt_tokens: int = 4096
 
     @property
     def pooling_views(self) -> list[str] | None:
@@ -31,6 +32,38 @@ class TrainOptions(TrainSection):
         return None if p == "auto" else ([p] if isinstance(p, str) else list(p))
     device: str | None = None
     gpu: str | None = None  # Modal GPU type for --backend modal (else registry.yaml modal.gpu)
+    workers_note: str = ""  # how the worker count was chosen (``router embed`` prints it)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_workers(cls, data: Any) -> Any:
+        """``workers: auto`` (the default) becomes a count chosen from the machine (:func:`auto_workers`)."""
+        if isinstance(data, dict) and data.get("workers", "auto") == "auto":
+            count, why = auto_workers()
+            data = {**data, "workers": count, "workers_note": why}
+        return data
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def auto_workers(cpus: int | None = None) -> tuple[int, str]:
+    """``train.workers: auto``: ``(count, why)``. 1 below 4 CPUs, else ``min(4, cpus - 1)``.
+
+    Each worker process pays seconds of ``import torch, transformers`` and competes with
+    the encoder's forward for the same cores: on 2 cores 2 workers embed *slower* than 1
+    (README, Benchmarks), so a default never starts workers a small machine cannot feed.
+    """
+    n = cpu_count() if cpus is None else cpus
+    if n < 4:
+        return 1, f"auto: {n} CPU core{'s' if n != 1 else ''}; worker processes pay off from 4 cores"
+    count = min(4, n - 1)
+    return count, f"auto: {n} CPU cores, one left for the encoder's forward"
 
 
 OVERRIDE_ALIASES = {"base_model_id": "base_model"}
@@ -47,7 +80,8 @@ def resolve_options(registry: Registry, overrides: dict[str, Any] | None = None)
     m = registry.model
     values: dict[str, Any] = m.train.model_dump()
     values.update(base_model=registry.base_model, base_model_revision=m.base_model_revision,
-                  pooling=m.router.pooling, layer=m.router.layer, ood=m.router.ood, dtype=m.router.dtype)
+                  pooling=m.router.pooling, layer=m.router.layer, ood=m.router.ood, dtype=m.router.dtype,
+                  max_prompt_tokens=m.router.max_prompt_tokens)
     given = set(m.train.model_fields_set)
     known = set(TrainOptions.model_fields)
     for key, value in (overrides or {}).items():
@@ -62,6 +96,9 @@ def resolve_options(registry: Registry, overrides: dict[str, Any] | None = None)
         values[field] = value
         given.add(field)
     values["solver"], values["solver_reason"] = _solver(values, given)
+    if values.get("workers") != "auto":
+        values["workers_note"] = "set by --workers" if (overrides or {}).get("workers") is not None \
+            else "set by train.workers"
     try:
         return TrainOptions.model_validate(values)
     except ValidationError as e:

@@ -28,14 +28,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlrouter.core.data import SPLITS, build_routing_dataset, load_routing_dataset, newest_routing_dataset
-from vlrouter.core.encoder import Encoder, EncoderInfo, default_layers, resolve_layer, view_key
-from vlrouter.core.errors import InputError, StaleRouterError, TrainingError, located
+from vlrouter.core.encoder import Encoder, EncoderInfo, model_fingerprint, set_prompt_token_limit
+from vlrouter.core.errors import DatasetError, InputError, StaleRouterError, TrainingError, located
 from vlrouter.core.features import FeatureCache, check_features, embed_dataset
 from vlrouter.core.fit import train_head
+from vlrouter.core.gate import promote_with_gate
 from vlrouter.core.head import HeadShape, head_logits
 from vlrouter.core.metrics import calibrate_temperature, evaluate
 from vlrouter.core.ood import calibrate, fit_ood
 from vlrouter.core.options import TrainOptions, resolve_options
+from vlrouter.core.paths import ensure_dir
 from vlrouter.core.progress import Progress, progress_or_null
 from vlrouter.core.registry import Registry, fingerprint_labels
 from vlrouter.core.selection import DEFAULT_L2, candidates, choose
@@ -43,11 +45,12 @@ from vlrouter.core.store import (
     RouterLock,
     RouterMeta,
     new_version_dir,
-    promote_with_gate,
     read_meta,
     read_router,
+    same_base_model,
     save_router,
 )
+from vlrouter.core.views import default_layers, resolve_layer, view_key
 
 if TYPE_CHECKING:
     pass
@@ -168,8 +171,29 @@ def build_dataset(registry: Registry, options: TrainOptions, progress: Progress 
 
 
 def load_encoder(options: TrainOptions) -> Encoder:
-    return Encoder.load(options.base_model, device=options.device, dtype=options.dtype,
-                        revision=options.base_model_revision)
+    enc = Encoder.load(options.base_model, device=options.device, dtype=options.dtype,
+                       revision=options.base_model_revision)
+    set_prompt_token_limit(enc.processor, options.max_prompt_tokens)
+    return enc
+
+
+def check_work_dirs(registry: Registry, options: TrainOptions) -> None:
+    """Before any work: the folders a run writes into (``train.datasets_dir``, ``train.cache_dir``) exist
+    or can be made (a file standing there, or a read-only parent, is one located error), and a local
+    ``base_model`` folder the run will load exists (never a Hub lookup for a missing folder)."""
+    if options.base_model == registry.base_model:
+        registry.check_base_model()
+    for name in ("datasets_dir", "cache_dir"):
+        ensure_dir(registry.resolve(getattr(options, name)), field=f"train.{name}", where=registry.path)
+
+
+def check_labels(class_names: list[str], registry: Registry, where: str | Path) -> None:
+    """A routing dataset (or a candidate) must be for the registry's adapters, in its order: a router for
+    another label set would replace the live one, and route/act would then refuse it as stale."""
+    if list(class_names) != registry.adapter_names:
+        raise DatasetError(located(where, "class_names", f"built for adapters {list(class_names)}, but the "
+                                   f"registry lists {registry.adapter_names}",
+                                   fix="run `router build-dataset` for the current adapters (or `router retrain`)"))
 
 
 def local_num_layers(base_model: str) -> int | None:
@@ -319,11 +343,20 @@ def train_candidate(dataset_dir: str | Path, registry: Registry, options: TrainO
 
 # ---- use-cases -------------------------------------------------------------------------------
 
-def _finish(registry: Registry, cand: Candidate, *, force: bool, progress: Progress | None,
-            backend: str) -> RetrainResult:
-    """Steps 4 + 5: the eval gate against the live router, then the atomic promotion."""
+def _finish(registry: Registry, cand: Candidate, options: TrainOptions, *, force: bool,
+            progress: Progress | None, backend: str) -> RetrainResult:
+    """Steps 4 + 5: the eval gate against the live router, then the atomic promotion.
+
+    Whatever the backend, the candidate must be for the registry's adapters, and router.json
+    records the base model as this machine sees it (an absolute folder or a hub id) with
+    its weights fingerprint, so the router means the same from any working directory and
+    goes stale when the weights change in place.
+    """
+    check_labels(cand.meta.adapters, registry, cand.dir / "router.json")
+    stamp = {"base_model": options.base_model,
+             "model_fingerprint": model_fingerprint(options.base_model, options.base_model_revision)}
     decision = promote_with_gate(cand.dir, registry.router_dir, val_views=cand.val_views,
-                                 val_labels=cand.val_labels, force=force)
+                                 val_labels=cand.val_labels, force=force, stamp=stamp)
     progress_or_null(progress).log(decision.message)
     meta = cand.meta
     return RetrainResult(router_dir=str(registry.router_dir), candidate_dir=str(cand.dir), promoted=decision.promoted,
@@ -344,23 +377,32 @@ def run_retrain(registry: Registry, options: TrainOptions, backend: Backend, *, 
     """
     check_layer_setting(registry, options)
     with RouterLock(registry.router_dir):
+        check_work_dirs(registry, options)
         cand = backend(RetrainRequest(registry=registry, options=options, progress=progress))
-        return _finish(registry, cand, force=force, progress=progress, backend=options.backend)
+        return _finish(registry, cand, options, force=force, progress=progress, backend=options.backend)
 
 
 def run_train(registry: Registry, options: TrainOptions, *, dataset_dir: str | Path | None = None,
               force: bool = False, progress: Progress | None = None) -> RetrainResult:
-    """``router train``: the recipe on an existing routing dataset (default: the newest), in this process."""
+    """``router train``: the recipe on an existing routing dataset (default: the newest), in this process.
+
+    The dataset must be for the registry's adapters (:func:`check_labels`): an older one,
+    built for other labels, is refused before anything is embedded.
+    """
     check_layer_setting(registry, options)
     with RouterLock(registry.router_dir):
+        check_work_dirs(registry, options)
         ds = dataset_dir if dataset_dir is not None else newest_routing_dataset(registry.resolve(options.datasets_dir))
+        loaded = load_routing_dataset(ds)
+        check_labels(loaded.class_names, registry, loaded.dir / "metadata.json")
         cand = train_candidate(ds, registry, options, progress=progress)
-        return _finish(registry, cand, force=force, progress=progress, backend="local")
+        return _finish(registry, cand, options, force=force, progress=progress, backend="local")
 
 
 def run_embed(registry: Registry, options: TrainOptions, *, dataset_dir: str | Path | None = None,
               progress: Progress | None = None) -> dict[str, Any]:
     """``router embed``: features for every split of a routing dataset (default: the newest)."""
+    check_work_dirs(registry, options)
     ds = load_routing_dataset(dataset_dir if dataset_dir is not None
                               else newest_routing_dataset(registry.resolve(options.datasets_dir)))
     samples = [s for split in SPLITS if ds.has_split(split) for s in ds.split(split)]
@@ -368,7 +410,8 @@ def run_embed(registry: Registry, options: TrainOptions, *, dataset_dir: str | P
     cache = FeatureCache(registry.resolve(options.cache_dir), enc.fingerprint())
     _, stats = embed_dataset(enc, samples, cache, layers=layers_to_embed(options.layer, enc.num_layers, registry.path),
                              workers=options.workers, batch_size=options.embed_batch_size, progress=progress)
-    return {**stats, "dataset_dir": str(ds.dir), "samples": len(samples), "cache_dir": str(cache.dir)}
+    return {**stats, "dataset_dir": str(ds.dir), "samples": len(samples), "cache_dir": str(cache.dir),
+            "workers_chosen": options.workers, "workers_note": options.workers_note}
 
 
 def evaluate_router(registry: Registry, options: TrainOptions, *, dataset_dir: str | Path | None = None,
@@ -393,7 +436,11 @@ def evaluate_router(registry: Registry, options: TrainOptions, *, dataset_dir: s
         raise StaleRouterError(located(rdir / "router.json", "adapters",
                                        f"the router does not know {', '.join(unknown)} (router: {meta.adapters})",
                                        fix="run `router retrain`, or evaluate on a dataset built for this router"))
-    enc = load_encoder(options.model_copy(update={"base_model": meta.base_model}))
+    check_work_dirs(registry, options)
+    # The registry's base model (as this machine resolves it) when it is the router's; else the router's own.
+    base = options.base_model if same_base_model(meta.base_model, registry, meta.model_fingerprint) \
+        else meta.base_model
+    enc = load_encoder(options.model_copy(update={"base_model": base}))
     fp = enc.fingerprint()
     if meta.encoder_fingerprint and meta.encoder_fingerprint != fp:
         progress_or_null(progress).log(f"note: encoder fingerprint {fp} differs from training's "

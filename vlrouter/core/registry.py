@@ -11,29 +11,59 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import io
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.reader import ReaderError
 
 from vlrouter.core.atomic import atomic_write_bytes  # noqa: F401  (re-exported: callers use registry.atomic_write_bytes)
-from vlrouter.core.encoder import VIEWS
 from vlrouter.core.errors import RegistryError, located
+from vlrouter.core.paths import check_regular_file, looks_like_local_path
+from vlrouter.core.views import VIEWS
+from vlrouter.core.yamldoc import (
+    check_expansion,
+    copy_doc,
+    dump_yaml,
+    line_of,
+    move_trailing_comment,
+    one_line,
+    plain,
+    yaml_rt,
+)
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 DEFAULT_REGISTRY = "registry.yaml"
+# Words with another meaning where adapter names appear: router.fallback / Action.adapter ("base",
+# "error") and the server's model field ("auto").
+RESERVED_NAMES = {"base": "the base model (router.fallback: base, Action.adapter)",
+                  "error": "router.fallback: error", "auto": "the server's `model: auto`"}
+PEFT_PREFIX = "lora_"  # peft re-initialises an adapter whose name is part of its parameter prefix
+MAX_REGISTRY_BYTES = 1 << 20  # registry.yaml is a page of settings, not data
+MAX_SEED = 2**63 - 1
+
+
+def adapter_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be an adapter name (a router label and a peft adapter name), or None."""
+    if not NAME_RE.match(name):
+        return f"adapter name {name!r} must match [a-z0-9][a-z0-9-]* (lowercase letters, digits, dashes)"
+    if len(name) > 64:
+        return f"adapter name {name!r} is longer than 64 characters"
+    if name in RESERVED_NAMES:
+        return f"adapter name {name!r} is reserved: it means {RESERVED_NAMES[name]}"
+    if name in PEFT_PREFIX:
+        return (f"adapter name {name!r} is part of peft's parameter prefix {PEFT_PREFIX!r}, which makes peft "
+                "re-initialise its weights")
+    return None
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 
@@ -41,11 +71,12 @@ class _Strict(BaseModel):
 class RouterSection(_Strict):
     dir: str = "runs/router"
     pooling: str | list[str] = "auto"  # auto, one view, or a list of views concatenated in that order
-    layer: Literal["auto"] | int = "auto"  # auto, or a hidden-state index (negative counts from the end)
+    layer: Literal["auto"] | Annotated[int, Field(ge=-10_000, le=10_000)] = "auto"  # auto, or a hidden-state index
     ood: Literal["auto", "off"] = "auto"  # auto: flag inputs unlike any adapter's data (Route.known)
     min_confidence: float = Field(0.0, ge=0.0, le=1.0)
     fallback: str = "base"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_prompt_tokens: int = Field(4096, ge=1, le=1_000_000)
 
     @field_validator("pooling")
     @classmethod
@@ -72,18 +103,22 @@ class RouterSection(_Strict):
 
 class TrainSection(_Strict):
     backend: str = "local"
-    epochs: int = Field(100, ge=1)
-    batch_size: int = Field(8, ge=1)
+    epochs: int = Field(100, ge=1, le=1_000_000)
+    batch_size: int = Field(8, ge=1, le=1_000_000)
     lr: float = Field(1.0e-4, gt=0)
-    patience: int = Field(5, ge=1)
-    eval_every: int = Field(20, ge=1)
+    patience: int = Field(5, ge=1, le=1_000_000)
+    eval_every: int = Field(20, ge=1, le=1_000_000)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     head: Literal["linear", "mlp"] = "linear"
-    head_hidden: int = Field(512, ge=1)
+    head_hidden: int = Field(512, ge=1, le=65_536)
     solver: Literal["auto", "lbfgs", "adamw"] = "auto"  # auto: lbfgs, unless minibatch settings are given
     l2: Literal["auto"] | float = "auto"  # L2 strength of the lbfgs head; auto: chosen by cross-validation
-    cv_folds: int = Field(5, ge=2)
+    cv_folds: int = Field(5, ge=2, le=100)
+    train_samples: int | None = Field(None, ge=1, le=1_000_000_000)
+    eval_samples: int | None = Field(None, ge=0, le=1_000_000_000)
+    workers: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] = "auto"  # "auto": chosen from the CPU count
+    embed_batch_size: int = Field(8, ge=1, le=65_536)
 
     @field_validator("l2")
     @classmethod
@@ -91,10 +126,6 @@ class TrainSection(_Strict):
         if v != "auto" and not (isinstance(v, (int, float)) and 0 < v < float("inf")):
             raise ValueError(f"l2 must be auto or a positive finite number, got {v!r}")
         return v
-    train_samples: int | None = Field(None, ge=1)
-    eval_samples: int | None = Field(None, ge=0)
-    workers: int = Field(2, ge=1)
-    embed_batch_size: int = Field(8, ge=1)
     datasets_dir: str = "datasets"
     cache_dir: str = ".features"
 
@@ -105,7 +136,7 @@ class ModalSection(_Strict):
     output_volume: str = "routing-output"
     checkpoints_volume: str = "moe-lora-checkpoints"
     gpu: str = "H100"
-    cpu_shards: int = Field(8, ge=1)
+    cpu_shards: int = Field(8, ge=1, le=10_000)
 
 
 class AdapterEntry(_Strict):
@@ -118,8 +149,9 @@ class AdapterEntry(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"adapter name {v!r} must match [a-z0-9][a-z0-9-]* (lowercase, digits, dashes)")
+        problem = adapter_name_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
 
@@ -151,32 +183,6 @@ class RegistryModel(_Strict):
                 f"(adapters: {', '.join(seen) or 'none'})"
             )
         return self
-
-
-def _yaml() -> YAML:
-    y = YAML(typ="rt")
-    y.preserve_quotes = True
-    y.indent(mapping=2, sequence=4, offset=2)
-    y.width = 4096
-    return y
-
-
-def _line_of(doc: Any, loc: tuple) -> int | None:
-    """1-based line of the deepest node on ``loc`` that ruamel knows a position for."""
-    node, line = doc, None
-    for key in loc:
-        try:
-            if isinstance(node, CommentedMap) and key in node:
-                line = node.lc.key(key)[0] + 1
-                node = node[key]
-            elif isinstance(node, CommentedSeq) and isinstance(key, int) and key < len(node):
-                line = node.lc.item(key)[0] + 1
-                node = node[key]
-            else:
-                break
-        except Exception:
-            break
-    return line
 
 
 def _loc_str(loc: tuple) -> str:
@@ -232,11 +238,22 @@ class Registry:
     # ---- loading ----------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path = DEFAULT_REGISTRY) -> Registry:
+        """Read and validate registry.yaml. ``path`` may name the folder holding it."""
         p = Path(path)
+        if p.is_dir():
+            if not (p / DEFAULT_REGISTRY).is_file():
+                raise RegistryError(located(p, None, f"is a folder without a {DEFAULT_REGISTRY}",
+                                            fix=f"pass the registry file itself, e.g. {p / DEFAULT_REGISTRY}"))
+            p = p / DEFAULT_REGISTRY
         if not p.exists():
             raise RegistryError(located(p, None, "registry file not found",
                                         fix="create one (see README 'registry.yaml reference') or pass --registry"))
+        check_regular_file(p, what="registry", error=RegistryError, fix="pass a registry.yaml file")
         try:
+            size = p.stat().st_size
+            if size > MAX_REGISTRY_BYTES:
+                raise RegistryError(located(p, None, f"{size:,} bytes is far too large for a registry "
+                                            f"(limit {MAX_REGISTRY_BYTES:,})", fix="point --registry at registry.yaml"))
             raw = p.read_bytes()
         except OSError as e:
             raise RegistryError(located(p, None, f"cannot read: {e.strerror}", fix="check permissions")) from None
@@ -253,11 +270,11 @@ class Registry:
             raise RegistryError(located(p, None, "file is empty",
                                         fix="add at least `base_model:` and `adapters:` (see README)"))
         try:
-            doc = _yaml().load(text)
+            doc = yaml_rt().load(text)
         except MarkedYAMLError as e:
             mark = e.problem_mark or e.context_mark
             line = mark.line + 1 if mark is not None else None
-            raise RegistryError(located(p, line, f"YAML syntax error: {_one_line(e.problem or e.context)}",
+            raise RegistryError(located(p, line, f"YAML syntax error: {one_line(e.problem or e.context)}",
                                         fix="fix the indentation/quoting on that line")) from None
         except ReaderError as e:  # a control character (NUL, …) that YAML forbids
             line = text.count("\n", 0, e.position) + 1 if isinstance(e.position, int) else None
@@ -265,9 +282,9 @@ class Registry:
             raise RegistryError(located(p, line, f"YAML error: unacceptable character {what} ({e.reason})",
                                         fix="remove the control character from that line")) from None
         except YAMLError as e:
-            raise RegistryError(located(p, None, f"YAML error: {_one_line(e)}", fix="fix the YAML")) from None
+            raise RegistryError(located(p, None, f"YAML error: {one_line(e)}", fix="fix the YAML")) from None
         except Exception as e:  # ruamel raises a few non-YAMLError types on odd input
-            raise RegistryError(located(p, None, f"YAML error: {type(e).__name__}: {_one_line(e)}",
+            raise RegistryError(located(p, None, f"YAML error: {type(e).__name__}: {one_line(e)}",
                                         fix="fix the YAML")) from None
         if doc is None:
             raise RegistryError(located(p, None, "file holds no YAML document",
@@ -276,13 +293,14 @@ class Registry:
             kind = "a list" if isinstance(doc, list) else f"a {type(doc).__name__}"
             raise RegistryError(located(p, 1, f"top level is {kind}, not a mapping",
                                         fix="start the file with `base_model: ...` keys, not `- ...` or a bare value"))
+        check_expansion(doc, p)
         model = cls._validate(doc, p)
         return cls(p, model, doc, raw)
 
     @staticmethod
     def _validate(doc: Any, p: Path) -> RegistryModel:
         try:
-            return RegistryModel.model_validate(_plain(doc))
+            return RegistryModel.model_validate(plain(doc))
         except ValidationError as e:
             errs = e.errors()
             # An unknown key usually explains the "missing" error beside it (a typo): report it first.
@@ -296,7 +314,7 @@ class Registry:
                     field, msg = m.group(1), m.group(2)
                     loc = tuple(int(x) if x.isdigit() else x for x in re.findall(r"[A-Za-z_]\w*|\d+", field))
             where = _loc_str(loc) or "(top level)"
-            line = _line_of(doc, loc)
+            line = line_of(doc, loc)
             if err["type"] == "extra_forbidden":
                 msg = f"unknown key {loc[-1]!r}"
             more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
@@ -305,7 +323,8 @@ class Registry:
     # ---- queries ----------------------------------------------------------------------
     @property
     def root(self) -> Path:
-        return self.path.parent
+        """The registry's folder, absolute: paths in registry.yaml mean the same from any working directory."""
+        return Path(os.path.abspath(self.path.parent))
 
     def resolve(self, value: str | Path) -> Path:
         """A path from the registry, relative to the registry file's folder."""
@@ -336,10 +355,37 @@ class Registry:
 
     @property
     def base_model(self) -> str:
-        """Hub ids stay as they are; an existing relative folder resolves against the registry."""
+        """The base model to load: a hub id as written, or a local folder as an absolute path.
+
+        A value is a local folder when it exists (relative to the registry's folder), when
+        it can only be a path (``./m``, ``/m``, ``a/b/c``, …), or when its first part is a
+        folder beside the registry (``models/tiny`` with ``models/`` present) -- so a
+        missing local folder is reported as missing, never looked up on the Hub.
+        """
         bm = self.model.base_model
         local = self.resolve(bm)
-        return str(local) if local.exists() else bm
+        if local.exists() or self.base_model_is_local():
+            return str(local)
+        return bm
+
+    def base_model_is_local(self) -> bool:
+        """Whether ``base_model`` names a local folder (present or not) rather than a hub id."""
+        bm = self.model.base_model
+        if looks_like_local_path(bm) or self.resolve(bm).exists():
+            return True
+        first = bm.split("/")[0]
+        return "/" in bm and first not in ("", ".", "..") and (self.root / first).is_dir()
+
+    def check_base_model(self) -> None:
+        """Refuse a local ``base_model`` folder that does not exist (before any loader treats it as a hub id)."""
+        if not self.base_model_is_local():
+            return
+        local = Path(self.base_model)
+        if not local.is_dir():
+            state = "is not a folder" if local.exists() else "not found"
+            raise self._err(("base_model",), f"local base model folder {state}: {local}",
+                            fix="build it (`router tiny-model DIR`) or download the model there, or correct "
+                                "base_model in registry.yaml (relative paths resolve against its folder)")
 
     def label_fingerprint(self) -> str:
         """Fingerprint of the ordered label set (names in registry order)."""
@@ -375,11 +421,11 @@ class Registry:
 
     def line_of(self, loc: tuple) -> int | None:
         """1-based line in registry.yaml of the field at ``loc`` (e.g. ``("adapters", 1, "checkpoint")``)."""
-        return _line_of(self._doc, loc)
+        return line_of(self._doc, loc)
 
     def _err(self, loc: tuple, problem: str, fix: str) -> RegistryError:
         """A RegistryError located at field ``loc`` (with its line when known)."""
-        return RegistryError(located(self.path, _loc_str(loc), problem, line=_line_of(self._doc, loc), fix=fix))
+        return RegistryError(located(self.path, _loc_str(loc), problem, line=line_of(self._doc, loc), fix=fix))
 
     # ---- edits (validated before anything is written) ----------------------------------
     def add_adapter(self, entry: AdapterEntry) -> Registry:
@@ -389,7 +435,7 @@ class Registry:
                             f"adapter {entry.name!r} is already registered "
                                         f"(label {self.index_of(entry.name)})",
                             fix=f"`router remove-adapter {entry.name}` first, or choose another name")
-        doc = _copy_doc(self._doc)
+        doc = copy_doc(self._doc)
         item = CommentedMap()
         item["name"] = entry.name
         if entry.plugin:
@@ -404,16 +450,16 @@ class Registry:
         if len(seq):
             # Comment lines after the last entry (a file's closing comment, or the one heading
             # the next section) belong after the new entry, not above it.
-            _move_trailing_comment(seq[-1], item)
+            move_trailing_comment(seq[-1], item)
         seq.append(item)
         return self._from_doc(doc)
 
     def remove_adapter(self, name: str) -> Registry:
         idx = self.index_of(name)
-        doc = _copy_doc(self._doc)
+        doc = copy_doc(self._doc)
         seq = doc["adapters"]
         if idx == len(seq) - 1 and idx > 0:
-            _move_trailing_comment(seq[idx], seq[idx - 1])  # keep the comments that followed it
+            move_trailing_comment(seq[idx], seq[idx - 1])  # keep the comments that followed it
         del seq[idx]
         if self.model.router.fallback == name:
             raise self._err(("router", "fallback"), f"router.fallback names {name!r}",
@@ -422,7 +468,7 @@ class Registry:
 
     def _from_doc(self, doc: CommentedMap) -> Registry:
         text = dump_yaml(doc)
-        new_doc = _yaml().load(text)
+        new_doc = yaml_rt().load(text)
         model = self._validate(new_doc, self.path)
         return Registry(self.path, model, new_doc, text.encode(), origin=self._origin)
 
@@ -469,11 +515,6 @@ class Registry:
             return os.path.relpath(absolute, root)
 
 
-def _one_line(err: BaseException) -> str:
-    """An exception's message on one line (the CLI prints every error as one line)."""
-    return " ".join(str(err).split())
-
-
 def fingerprint_labels(names: list[str]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
@@ -482,53 +523,6 @@ def suggest(name: str, candidates: list[str]) -> str:
     """``"; did you mean 'x'?"`` or ``""``: for errors about unknown names."""
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
     return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-
-
-def _plain(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {str(k) if not isinstance(k, str) else k: _plain(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_plain(v) for v in node]
-    return node
-
-
-def _move_trailing_comment(src: Any, dst: Any) -> None:
-    """Move the full-line comments that follow mapping ``src`` onto the end of mapping ``dst``.
-
-    ruamel attaches the comment lines after a block mapping to its last key's end-of-line
-    slot (``"  # eol\n\n# next\n"``); the end-of-line part stays, the rest moves.
-    """
-    if not (isinstance(src, CommentedMap) and isinstance(dst, CommentedMap) and len(src) and len(dst)):
-        return
-    slot = src.ca.items.get(list(src.keys())[-1])
-    if not slot or len(slot) < 3 or slot[2] is None:
-        return
-    tok = slot[2]
-    eol, _, rest = tok.value.partition("\n")
-    if not rest.strip():
-        return
-    from ruamel.yaml.error import CommentMark
-    from ruamel.yaml.tokens import CommentToken
-
-    tok.value = eol + "\n"
-    dkey = list(dst.keys())[-1]
-    dslot = dst.ca.items.setdefault(dkey, [None, None, None, None])
-    while len(dslot) < 4:
-        dslot.append(None)
-    if dslot[2] is None:
-        dslot[2] = CommentToken("\n" + rest, CommentMark(0), None)
-    else:
-        dslot[2].value = dslot[2].value.rstrip("\n") + "\n" + rest
-
-
-def _copy_doc(doc: CommentedMap) -> CommentedMap:
-    return _yaml().load(dump_yaml(doc))
-
-
-def dump_yaml(doc: Any) -> str:
-    buf = io.StringIO()
-    _yaml().dump(doc, buf)
-    return buf.getvalue()
 
 
 def new_registry_text(base_model: str, adapters: list[AdapterEntry], **router_train: Any) -> str:

@@ -31,6 +31,7 @@ from typing import Any
 
 from vlrouter.core.errors import CheckpointError, InputError, located
 from vlrouter.core.head import HeadShape, build_head
+from vlrouter.core.paths import check_regular_file
 from vlrouter.core.registry import NAME_RE
 from vlrouter.core.store import RouterMeta, load_router, save_router
 
@@ -51,6 +52,8 @@ def _load_weights_only(path: Path) -> Any:
     if path.is_dir():
         raise CheckpointError(located(path, None, "is a folder, not a router-head.pt file",
                                       fix="point at the .pt file the seed's router_train.py wrote"))
+    check_regular_file(path, what="seed checkpoint", error=CheckpointError,
+                       fix="point at the .pt file the seed's router_train.py wrote")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -64,12 +67,21 @@ def _load_weights_only(path: Path) -> Any:
                                           fix="re-save the head as plain tensors + lists + numbers, e.g. torch.save("
                                               "{'state_dict': head.state_dict(), 'adapters': [...]})")) from None
         raise CheckpointError(located(path, None, f"cannot read it as a torch checkpoint with the weights-only "
-                                      f"loader ({detail[:200]})", fix="point at the router-head.pt the seed wrote"
-                                      )) from None
+                                      f"loader ({_safe_detail(detail)})",
+                                      fix="point at the router-head.pt the seed wrote")) from None
     except Exception as e:  # not a torch file, truncated zip, …
         raise CheckpointError(located(path, None, f"cannot read it as a torch checkpoint "
-                                      f"({type(e).__name__}: {' '.join(str(e).split())[:200]})",
+                                      f"({type(e).__name__}: {_safe_detail(str(e))})",
                                       fix="point at the router-head.pt the seed wrote")) from None
+
+
+def _safe_detail(text: str) -> str:
+    """torch's message, on one line and cut before its advice to retry with ``weights_only=False`` (which
+    runs the pickle's code): vlrouter never suggests that."""
+    text = " ".join(text.split())
+    text = re.split(r"(?i)(weights only load failed|re-running `?torch\.load|weights_only`? (set to|=) ?`?false)",
+                    text)[0]
+    return text.strip(" .;:,(")[:200] or "not a weights-only checkpoint"
 
 
 def _linear_layers(state: dict[str, Any], where: Path) -> tuple[list[tuple[Any, Any]], list[str]]:

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vlrouter.core.encoder import VIEWS, Representation
 from vlrouter.core.fit import as_labels, fit_logistic
 from vlrouter.core.head import standardize_stats
 from vlrouter.core.progress import Progress, progress_or_null
+from vlrouter.core.views import VIEWS, Representation
 
 if TYPE_CHECKING:
     import torch

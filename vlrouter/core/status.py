@@ -40,7 +40,8 @@ def router_state(registry: Registry) -> dict[str, Any]:
                                                                                                   meta.best_acc),
                base_model=meta.base_model, pooling=list(meta.pooling), layer=meta.layer, solver=meta.solver,
                representation=meta.representation().label, cv_acc=_chosen_cv(meta.selection),
-               ood=(meta.ood or {}).get("threshold") is not None)
+               ood=(meta.ood or {}).get("threshold") is not None, temperature=meta.temperature,
+               model_fingerprint=meta.model_fingerprint)
     try:
         check_router_for(meta, registry)
         out["state"] = "ok"
@@ -72,6 +73,11 @@ def registry_status(registry: Registry) -> dict[str, Any]:
             "checkpoint": str(ck),
             "checkpoint_present": is_peft_dir(ck),
         })
+    r = registry.model.router
+    local = registry.base_model_is_local()
     return {"registry": str(registry.path), "base_model": registry.model.base_model,
+            "base_model_resolved": registry.base_model, "base_model_local": local,
+            "base_model_present": Path(registry.base_model).is_dir() if local else None,
+            "min_confidence": r.min_confidence, "fallback": r.fallback, "max_prompt_tokens": r.max_prompt_tokens,
             "label_fingerprint": registry.label_fingerprint(), "adapters": adapters,
             "router": router_state(registry)}

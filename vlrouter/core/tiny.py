@@ -17,7 +17,7 @@ import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vlrouter.core.encoder import image_only_processor_class
+from vlrouter.core.encoder import image_only_processor_class, quiet_loading
 from vlrouter.core.errors import InputError, located
 
 QWEN_SPECIAL_TOKENS = [
@@ -127,6 +127,9 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | str = "tiny") -> Path
                                      fix=f"one of {', '.join(PRESETS)}"))
         spec = PRESETS[spec]
     out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # e.g. a real model's folder: never overwritten
+        raise InputError(located(out, None, "already exists and is not an empty folder; nothing was written",
+                                 fix="choose a new folder for the tiny model"))
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = _build_tokenizer()
@@ -179,7 +182,8 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | str = "tiny") -> Path
     model.generation_config.pad_token_id = ids("<|endoftext|>")
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.generation_config.do_sample = False
-    model.save_pretrained(out)
+    with quiet_loading():  # no "Writing model shards" bar: the library never prints
+        model.save_pretrained(out)
 
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=16,

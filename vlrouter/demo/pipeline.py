@@ -23,6 +23,7 @@ from typing import Any
 
 from vlrouter.core.atomic import atomic_write_bytes
 from vlrouter.core.engine import Engine
+from vlrouter.core.errors import InputError, located
 from vlrouter.core.metrics import expected_calibration_error, plot_confusion
 from vlrouter.core.options import resolve_options
 from vlrouter.core.progress import Progress, progress_or_null
@@ -79,6 +80,18 @@ def _write_registry(root: Path, base_model: str, cfg: DemoConfig) -> Path:
     return path
 
 
+def check_demo_dir(root: Path) -> None:
+    """The demo writes data/, models/, checkpoints/, registry.yaml … into ``root``: only into a new or
+    empty folder, so it never overwrites a file of yours."""
+    if root.exists() and not root.is_dir():
+        raise InputError(located(root, None, "exists and is not a folder", fix="choose a new folder for the demo"))
+    if root.is_dir() and any(root.iterdir()):
+        shown = ", ".join(sorted(p.name for p in root.iterdir())[:3])
+        raise InputError(located(root, None, f"is not empty (holds {shown} …); the demo writes data/, models/, "
+                                 "checkpoints/ and registry.yaml there and would overwrite your files",
+                                 fix="choose a new or empty folder, e.g. `router demo demo-run`"))
+
+
 def run_demo(root: str | Path, cfg: DemoConfig | None = None, *, progress: Progress | None = None,
              on_step=None) -> DemoReport:
     """Run every step in ``root`` (created). ``on_step(name, report)`` is called after each."""
@@ -86,6 +99,7 @@ def run_demo(root: str | Path, cfg: DemoConfig | None = None, *, progress: Progr
     progress = progress_or_null(progress)
     note = on_step or (lambda name, report: None)
     root = Path(root)
+    check_demo_dir(root)
     root.mkdir(parents=True, exist_ok=True)
     report = DemoReport(root=root)
 
@@ -96,7 +110,10 @@ def run_demo(root: str | Path, cfg: DemoConfig | None = None, *, progress: Progr
     note("datasets", report)
 
     if cfg.base_model:
-        base_model = cfg.base_model
+        # a local folder given on the command line is relative to the working directory, but registry.yaml's
+        # paths are relative to its own folder: write it absolute so it means the same everywhere
+        given = Path(cfg.base_model).expanduser()
+        base_model = str(given.resolve()) if given.exists() else cfg.base_model
     else:
         with progress.task("building the tiny random Qwen3-VL", total=1) as t:
             build_tiny_model(root / "models" / "tiny-qwen3-vl", "demo")

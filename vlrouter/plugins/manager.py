@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from vlrouter.core.errors import BackendError, PluginError, RegistryError, located
-from vlrouter.core.registry import NAME_RE, AdapterEntry, Registry, suggest
+from vlrouter.core.registry import AdapterEntry, Registry, adapter_name_problem, suggest
 from vlrouter.plugins import hookspecs
 
 if TYPE_CHECKING:
@@ -222,9 +222,9 @@ def new_adapter_entry(registry: Registry, name: str, *, dataset: str | None = No
     """
     label = len(registry.adapter_names)
     where = f"adapters[{label}].name"
-    if not NAME_RE.match(name):
-        raise RegistryError(located(registry.path, where, f"adapter name {name!r} must match [a-z0-9][a-z0-9-]* "
-                                    "(lowercase letters, digits, dashes)", fix="e.g. 'provider-select'"))
+    problem = adapter_name_problem(name)
+    if problem:
+        raise RegistryError(located(registry.path, where, problem, fix="choose another name, e.g. 'provider-select'"))
     if name in registry.adapter_names:
         registry.add_adapter(AdapterEntry(name=name, dataset="-", checkpoint="-"))  # the registry words it
     pm = pm if pm is not None else get_plugin_manager(registry)

@@ -1,0 +1,79 @@
+"""Opening screenshots: every mode comes out as the RGB a viewer shows, arrays work, FIFOs and slivers are refused."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import make_dataset
+from vlrouter.core.data import read_adapter_dataset, verify_image
+from vlrouter.core.errors import ImageError
+from vlrouter.core.images import open_image
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_16_bit_greyscale_png_keeps_its_greys(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 32).reshape(32, 64).astype(np.uint16)
+    path = tmp_path / "grey16.png"
+    path.write_bytes(_png(Image.fromarray(ramp)))
+    assert Image.open(path).mode.startswith("I")
+    rgb = np.asarray(open_image(path)).astype(float)
+    assert rgb.shape == (32, 64, 3)
+    assert abs(rgb.mean() - 127.5) < 2  # PIL's convert("RGB") clips to 255: an all-white image
+    assert rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255
+
+
+@pytest.mark.parametrize("mode,value,expected", [
+    ("I;16", 32768, (128, 128, 128)),
+    ("I", 65535, (255, 255, 255)),
+    ("I", 100, (100, 100, 100)),  # an 8-bit range stored as 32-bit ints stays as it is
+    ("F", 0.5, (128, 128, 128)),  # a 0..1 float image
+    ("LA", (0, 0), (255, 255, 255)),  # fully transparent: the white a viewer shows, not black
+    ("RGBA", (255, 0, 0, 255), (255, 0, 0)),
+    ("P", 0, (0, 0, 0)),
+    ("CMYK", (0, 0, 0, 0), (255, 255, 255)),
+    ("LAB", (100, 128, 128), (93, 93, 93)),  # L*=39 grey, not read as if it were RGB (100, 128, 128)
+    ("1", 1, (255, 255, 255)),
+], ids=["i16", "i32-16bit", "i32-8bit", "float", "la-transparent", "rgba", "palette", "cmyk", "lab", "bilevel"])
+def test_every_mode_becomes_the_rgb_a_viewer_shows(mode, value, expected):
+    px = open_image(Image.new(mode, (8, 8), value)).getpixel((3, 3))
+    assert all(abs(a - b) <= 2 for a, b in zip(px, expected)), (mode, px)
+
+
+def test_numpy_arrays_are_images():
+    assert open_image(np.zeros((20, 30, 3), dtype=np.uint8)).size == (30, 20)
+    assert open_image(np.ones((20, 30))).getpixel((0, 0)) == (255, 255, 255)  # float 0..1
+    assert open_image(np.full((4, 4, 4), 255, dtype=np.uint8)).mode == "RGB"
+    with pytest.raises(ImageError, match="array of shape"):
+        open_image(np.zeros((2, 3, 5), dtype=np.uint8))
+    with pytest.raises(ImageError, match="over the limit"):
+        open_image(np.zeros((20000, 2), dtype=np.uint8))
+
+
+def test_a_fifo_is_an_image_error_at_once(tmp_path):
+    fifo = tmp_path / "shot.png"
+    os.mkfifo(fifo)
+    t0 = time.perf_counter()
+    with pytest.raises(ImageError, match="FIFO"):
+        open_image(fifo)
+    assert time.perf_counter() - t0 < 1
+    assert verify_image(fifo) == "missing"  # in a dataset: skipped and counted, never opened
+
+
+def test_a_very_wide_image_is_refused_and_skipped_in_a_dataset(tmp_path):
+    with pytest.raises(ImageError, match="aspect ratio over 200:1"):
+        open_image(Image.new("RGB", (8000, 20)))
+    path = make_dataset(tmp_path / "cal", "calendar", 3)
+    Image.new("RGB", (8000, 20)).save(tmp_path / "cal" / "images" / "calendar-0-0001.png")
+    samples, skipped = read_adapter_dataset(path, adapter="calendar")
+    assert len(samples) == 2 and skipped.corrupt == ["calendar-0-0001"]  # a counted skip, not an abort
