@@ -62,7 +62,9 @@ from vlrouter.core.errors import (
     LowConfidenceError,
     ModelLoadError,
     RegistryError,
+    RouterError,
     StaleRouterError,
+    UnknownAdapterError,
     located,
 )
 from vlrouter.core.head import META_FILE, RouterMeta, check_compatible, load_router
@@ -73,7 +75,8 @@ if TYPE_CHECKING:
 
     from vlrouter.core.registry import Registry
 
-__all__ = ["BASE", "Action", "AdapterSource", "Engine", "Route", "load_adapters", "vision_adapters"]
+__all__ = ["BASE", "Action", "AdapterSource", "Engine", "ReloadResult", "Route", "load_adapters",
+           "vision_adapters"]
 
 BASE = "base"  # Action.adapter when the base model (no adapter) generated the text
 PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
@@ -365,8 +368,10 @@ class Engine:
             from vlrouter.plugins.manager import get_plugin_manager
 
             plugin_manager = get_plugin_manager(reg)
-        return cls(model, processor, head, meta, plugin_manager=plugin_manager,
-                   min_confidence=m.router.min_confidence, fallback=m.router.fallback)
+        engine = cls(model, processor, head, meta, plugin_manager=plugin_manager,
+                     min_confidence=m.router.min_confidence, fallback=m.router.fallback)
+        engine._note_sources(reg, sources)  # for reload(): where this engine came from
+        return engine
 
     # ---- properties ---------------------------------------------------------------------
     @property
@@ -517,18 +522,24 @@ class Engine:
 
         return parse_action(self.plugin_manager, adapter, text)
 
-    def act(self, image, prompt: str, max_new_tokens: int = 64, **generate_kwargs) -> Action:
+    def act(self, image, prompt: str, max_new_tokens: int = 64, *, adapter: str | None = None,
+            **generate_kwargs) -> Action:
         """Route, then generate with the chosen adapter, then parse the action.
 
         Greedy unless ``generate_kwargs`` say otherwise (they go to ``generate``).
         The image is encoded once when the generating adapter leaves the vision tower alone.
+        ``adapter`` (an adapter name or ``"base"``) skips routing and generates with that
+        adapter: the Action's ``routed`` is that name, ``confidence`` 1.0, ``probs`` empty.
         """
         t0 = time.perf_counter()
         gen_kwargs = self._generation_kwargs(max_new_tokens, generate_kwargs)
         batch = self._prepare([(image, prompt)])
         with self._lock, self._reuse_image_features() as reuse:
-            route = self._routes(self._features(batch))[0]
-            adapter = self._decide(route)
+            if adapter is None:
+                route = self._routes(self._features(batch))[0]
+                adapter = self._decide(route)
+            else:
+                route = self._forced_route(adapter)
             t1 = time.perf_counter()
             reuse["enabled"] = adapter not in self.vision_adapters
             text = self._generate(batch, [adapter], gen_kwargs)[0]
@@ -539,7 +550,8 @@ class Engine:
                    "vision_calls": reuse["vision_calls"]}
         return Action(adapter, route.confidence, text, parsed, timings, routed=route.adapter, probs=route.probs)
 
-    def act_batch(self, items: Sequence[tuple[Any, str]], max_new_tokens: int = 64, **generate_kwargs) -> list[Action]:
+    def act_batch(self, items: Sequence[tuple[Any, str]], max_new_tokens: int = 64, *,
+                  adapters: Sequence[str | None] | None = None, **generate_kwargs) -> list[Action]:
         """Route every (image, prompt), then generate them all in ONE call with mixed adapters.
 
         Rows are left padded; each row runs with its own adapter (peft's
@@ -547,15 +559,22 @@ class Engine:
         per-item :meth:`act`. One exception: when different adapters in the batch have
         weights inside the vision tower, peft cannot mix them there (the vision tower
         sees image patches, not batch rows, and peft refuses ``adapter_names``), so the
-        batch is generated in one call per adapter.
+        batch is generated in one call per adapter. ``adapters`` (one entry per item:
+        an adapter name, ``"base"``, or None to route) forces rows, as ``act(adapter=)``;
+        the routing pass is skipped when every row is forced.
         """
         items = list(items)
         t0 = time.perf_counter()
         gen_kwargs = self._generation_kwargs(max_new_tokens, generate_kwargs)
+        forced = list(adapters) if adapters is not None else [None] * len(items)
+        if len(forced) != len(items):
+            raise InputError(f"got {len(forced)} adapters for {len(items)} items (fix: one entry per item, "
+                             "None to route)")
         batch = self._prepare(items)
         with self._lock, self._reuse_image_features() as reuse:
-            routes = self._routes(self._features(batch))
-            chosen = [self._decide(r, i) for i, r in enumerate(routes)]
+            routed = self._routes(self._features(batch)) if None in forced else [None] * len(items)
+            routes = [r if f is None else self._forced_route(f) for r, f in zip(routed, forced)]
+            chosen = [self._decide(r, i) if f is None else r.adapter for i, (r, f) in enumerate(zip(routes, forced))]
             t1 = time.perf_counter()
             touches_vision = bool(set(chosen) & self.vision_adapters)
             reuse["enabled"] = not touches_vision
@@ -577,6 +596,147 @@ class Engine:
                 for a, r, t, p in zip(chosen, routes, texts, parsed)]
 
 
+    # ---- serving: forced adapters, the model lock, reloading a promoted router ----------
+    # Appended for `router serve` (vlrouter/serve/): everything below is used by the server
+    # and its reload watcher; the methods above only call _forced_route and _note_sources.
+
+    registry_path: Path | None = None  # the registry.yaml from_registry read (reload() re-reads it)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The model lock (re-entrant). Hold it to run calls with nothing in between, e.g.
+        ``torch.manual_seed(s)`` then a sampled :meth:`act_batch`; a reload waits for it too."""
+        return self._lock
+
+    @property
+    def router_version(self) -> str | None:
+        """The router folder this engine routes with (the live symlink's resolved target), if known."""
+        return self.__dict__.get("_router_version")
+
+    def _forced_route(self, name: str) -> Route:
+        """The Route of a row whose adapter the caller chose (``act(adapter=)``): no routing pass."""
+        if name != BASE and name not in self.meta.adapters:
+            raise UnknownAdapterError(f"unknown adapter {name!r} (fix: one of {BASE}, {', '.join(self.meta.adapters)})")
+        return Route(name, 1.0, {})
+
+    def _note_sources(self, reg: Registry, sources: Sequence[AdapterSource], version: str | Path | None = None) -> None:
+        self.registry_path = reg.path
+        self._router_version = str(version or os.path.realpath(reg.router_dir))
+        self._adapter_stamps = {s.name: _checkpoint_stamp(s.path) for s in sources}
+
+    def reload(self, registry: str | Path | Registry | None = None, *, check_base_model: bool = True) -> ReloadResult:
+        """Switch to registry.yaml's live router without a restart (what ``router serve`` does on promotion).
+
+        Reads registry.yaml (default: the one :meth:`from_registry` read), resolves the live
+        router symlink once and loads that version's head; checks it matches the registry
+        (:class:`StaleRouterError` otherwise -- e.g. between ``router add-adapter``'s
+        promotion and its registry save: try again later) and the running base model; then
+        :meth:`swap_router`. The registry's ``plugin:`` modules are registered, and its
+        ``router.min_confidence`` / ``router.fallback`` apply. On any error the engine keeps
+        the router it had.
+        """
+        from vlrouter.core.registry import Registry, _line_of
+        from vlrouter.plugins.manager import load_module_plugin
+
+        target = registry if registry is not None else self.registry_path
+        if target is None:
+            raise InputError("this engine was not loaded from a registry, so it cannot reload one "
+                             "(fix: pass registry='registry.yaml')")
+        reg = target if isinstance(target, Registry) else Registry.load(target)
+        m = reg.model
+        version = Path(os.path.realpath(reg.router_dir))  # one version: both files come from it
+        head, meta = load_router(version)
+        check_compatible(meta, adapters=reg.adapter_names,
+                         base_model=None if _same_base_model(meta.base_model, reg) else m.base_model,
+                         pooling=m.router.pooling, layer=m.router.layer, where=reg.router_dir / META_FILE)
+        running = getattr(self.base_model, "name_or_path", None)
+        if running and reg.base_model != running and not _same_path(reg.base_model, running):
+            raise ModelLoadError(located(reg.path, "base_model", f"base_model changed from {running!r} to "
+                                         f"{reg.base_model!r}; a running engine cannot swap its base model",
+                                         fix="restart (`router serve`) to load the new base model"))
+        sources = [AdapterSource(a.name, reg.resolve(a.checkpoint), reg.path, f"adapters[{i}].checkpoint",
+                                 _line_of(reg._doc, ("adapters", i, "checkpoint")))
+                   for i, a in enumerate(m.adapters)]
+        stamps = self.__dict__.get("_adapter_stamps", {})
+        for src in sources:
+            if src.name not in self.model.peft_config or stamps.get(src.name, _checkpoint_stamp(src.path)) != \
+                    _checkpoint_stamp(src.path):
+                check_adapter_checkpoint(src, [m.base_model, reg.base_model] if check_base_model else [])
+        for i, entry in enumerate(m.adapters):
+            if entry.plugin:
+                load_module_plugin(self.plugin_manager, entry.plugin, where=(reg.path, f"adapters[{i}].plugin"))
+        result = self.swap_router(head, meta, sources, min_confidence=m.router.min_confidence,
+                                  fallback=m.router.fallback, version=version)
+        self.registry_path = reg.path
+        return result
+
+    def swap_router(self, head, meta: RouterMeta, sources: Sequence[AdapterSource], *,
+                    min_confidence: float | None = None, fallback: str | None = None,
+                    version: str | Path | None = None) -> ReloadResult:
+        """Make (``head``, ``meta``) this engine's router, loading and dropping LoRAs to match.
+
+        ``sources`` names the checkpoint of every adapter in ``meta.adapters``. Under the
+        model lock (a call in flight finishes first; calls arriving meanwhile wait): load
+        the adapters the model lacks into the running ``PeftModel``, reload those whose
+        checkpoint files changed, check the new router against the model exactly as the
+        constructor does, drop the adapters the new router no longer names, then switch
+        head, labels, threshold and fallback at once. If a load or check fails, the added
+        adapters are removed again and the old router stays.
+        """
+        by_name = {s.name: s for s in sources}
+        missing = [n for n in meta.adapters if n not in by_name]
+        if missing:
+            raise InputError(f"no checkpoint given for the router's adapters {missing} (fix: pass an AdapterSource "
+                             "for every name in router.json)")
+        min_confidence = self.min_confidence if min_confidence is None else min_confidence
+        fallback = self.fallback if fallback is None else fallback
+        with self._lock:
+            model = self.model
+            stamps = dict(self.__dict__.get("_adapter_stamps", {}))
+            new = [by_name[n] for n in meta.adapters if n not in model.peft_config]
+            changed = [by_name[n] for n in meta.adapters if n in model.peft_config and n in stamps
+                       and stamps[n] != _checkpoint_stamp(by_name[n].path)]
+            dropped = [n for n in model.peft_config if n not in meta.adapters]
+            loaded: list[str] = []
+            try:
+                for src in changed:  # same name, new weights: drop the old ones, load the new
+                    _delete_adapter(model, src.name)
+                    loaded.append(src.name)
+                    _load_adapter(model, src)
+                for src in new:
+                    loaded.append(src.name)
+                    _load_adapter(model, src)
+                checked = Engine(model, self.processor, head, meta, plugin_manager=self.plugin_manager,
+                                 min_confidence=min_confidence, fallback=fallback)
+            except BaseException:
+                for name in loaded:
+                    if name in model.peft_config:
+                        _delete_adapter(model, name)
+                for src in changed:  # put the old weights back (best effort: their files may be gone)
+                    old = stamps[src.name][0]
+                    try:
+                        _load_adapter(model, AdapterSource(src.name, Path(old)))
+                    except RouterError:
+                        pass
+                raise
+            for name in dropped:
+                _delete_adapter(model, name)
+            model.eval()
+            model.requires_grad_(False)
+            self.head, self.meta = checked.head, meta
+            self.min_confidence, self.fallback = checked.min_confidence, checked.fallback
+            self.vision_adapters = frozenset(vision_adapters(model))
+            for name in dropped:
+                stamps.pop(name, None)
+            for src in [*changed, *new]:
+                stamps[src.name] = _checkpoint_stamp(src.path)
+            self._adapter_stamps = stamps
+            if version is not None:
+                self._router_version = str(version)
+        return ReloadResult(router=None if version is None else str(version), adapters=list(meta.adapters),
+                            added=[s.name for s in new], removed=dropped, replaced=[s.name for s in changed])
+
+
 def _copy_output(out):
     """A shallow copy of a vision output, so a consumer that reassigns its fields cannot change the cache."""
     new = copy.copy(out)
@@ -585,3 +745,63 @@ def _copy_output(out):
         if isinstance(v, list):
             setattr(new, key, list(v))
     return new
+
+
+# ---- serving helpers (reload) -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """What :meth:`Engine.reload` / :meth:`Engine.swap_router` changed."""
+
+    router: str | None  # the router version folder now live in the engine
+    adapters: list[str]  # the router's labels, in order
+    added: list[str] = field(default_factory=list)  # LoRAs loaded into the running model
+    removed: list[str] = field(default_factory=list)  # LoRAs dropped from it
+    replaced: list[str] = field(default_factory=list)  # same name, checkpoint files changed: reloaded
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"router": self.router, "adapters": list(self.adapters), "added": list(self.added),
+                "removed": list(self.removed), "replaced": list(self.replaced)}
+
+
+def _checkpoint_stamp(path: Path) -> tuple:
+    """(resolved folder, size and mtime of each checkpoint file): changes when the checkpoint is rewritten."""
+    path = Path(path)
+    files = []
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        try:
+            st = (path / name).stat()
+            files.append((name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            pass
+    return (os.path.realpath(path), tuple(files))
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def _load_adapter(model, src: AdapterSource) -> None:
+    """Load one more PEFT checkpoint into a running ``PeftModel`` (errors as :func:`load_adapters`'s)."""
+    device = str(next(model.parameters()).device)
+    fix = "use an adapter trained for this base model (or retrain it on it)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            result = model.load_adapter(str(src.path), adapter_name=src.name, is_trainable=False, torch_device=device)
+        except RuntimeError as e:  # size mismatch from load_state_dict
+            first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+            raise src.err(f"adapter {src.name!r} ({src.path}) does not fit the base model: {first}", fix=fix) from None
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise src.err(f"adapter {src.name!r} ({src.path}) cannot be loaded: {type(e).__name__}: {e}",
+                          fix=fix) from None
+    if result.missing_keys:
+        raise src.err(f"adapter {src.name!r} ({src.path}) lacks weights for modules the config targets: "
+                      f"{str(result.missing_keys[0])[:200]}", fix="re-save the adapter with peft's save_pretrained")
+
+
+def _delete_adapter(model, name: str) -> None:
+    """Drop one adapter's LoRA weights from a running ``PeftModel`` (another adapter becomes the active one)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns when the active adapter is deleted: we never rely on it
+        model.delete_adapter(name)
