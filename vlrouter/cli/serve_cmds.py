@@ -102,5 +102,14 @@ def serve_cmd(
                   f"{escape(', '.join(engine.adapters))}")
     console.print(f"serving on http://{escape(shown)}:{port}  (page: /, OpenAI base_url: http://{escape(shown)}:{port}"
                   f"/v1{', API key required' if settings.api_key else ''}; Ctrl-C stops)")
-    uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level=level, access_log=level == "debug",
-                                  timeout_graceful_shutdown=10)).run()
+    server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level=level,
+                                           access_log=level == "debug", timeout_graceful_shutdown=10))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the Ctrl-C: the normal way to stop
+        pass
+    if not server.started:
+        err_console.print(f"[bold red]error:[/] could not serve on {escape(host)}:{port} (see the log above; fix: "
+                          "another --port, or stop what is using it)")
+        raise typer.Exit(1)
+    console.print("stopped")
