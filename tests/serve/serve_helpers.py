@@ -25,8 +25,12 @@ class Server:
 
 
 @contextmanager
-def run_server(engine_or_registry, settings=None, *, ready_timeout: float = 120.0) -> Iterator[Server]:
-    """uvicorn serving ``create_app(engine_or_registry, settings)`` on 127.0.0.1, a free port, in a thread."""
+def run_server(engine_or_registry, settings=None, *, ready_timeout: float = 120.0,
+               wait_ready: bool = True) -> Iterator[Server]:
+    """uvicorn serving ``create_app(engine_or_registry, settings)`` on 127.0.0.1, a free port, in a thread.
+
+    Yields once uvicorn listens and (with ``wait_ready``) the engine is loaded and serving.
+    """
     import uvicorn
 
     from vlrouter.serve import ServeSettings, create_app
@@ -40,8 +44,8 @@ def run_server(engine_or_registry, settings=None, *, ready_timeout: float = 120.
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + ready_timeout
-    while not (server.started and app.state.vlrouter.ready):
-        if not thread.is_alive() or time.monotonic() > deadline or app.state.vlrouter.load_error:
+    while not (server.started and (app.state.vlrouter.ready or not wait_ready)):
+        if not thread.is_alive() or time.monotonic() > deadline or (wait_ready and app.state.vlrouter.load_error):
             server.should_exit = True
             raise RuntimeError(f"server did not start: {app.state.vlrouter.load_error}")
         time.sleep(0.02)

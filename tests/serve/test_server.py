@@ -12,10 +12,9 @@ import hashlib
 import io
 import json
 import re
+import sys
 import threading
 import time
-
-import sys
 from pathlib import Path
 
 import httpx
@@ -190,8 +189,8 @@ def test_eight_concurrent_clients_get_the_sequential_answers_in_shared_batches(s
 
 def _batch_stats(server) -> tuple[float, float]:
     text = httpx.get(f"{server.url}/metrics", headers=AUTH).text
-    total = float(re.search(r"^vlrouter_batch_size_sum (\S+)$", text, re.M).group(1))
-    count = float(re.search(r"^vlrouter_batch_size_count (\S+)$", text, re.M).group(1))
+    total = float(re.search(r"^vlrouter_batch_size_sum (\S+)$", text, re.MULTILINE).group(1))
+    count = float(re.search(r"^vlrouter_batch_size_count (\S+)$", text, re.MULTILINE).group(1))
     return total, count
 
 
@@ -201,8 +200,10 @@ def test_seeded_sampling_repeats_and_stop_cuts_the_text_like_openai(server, engi
     import torch
 
     img, prompt = items[0]
-    post = lambda **kw: httpx.post(f"{server.url}/v1/chat/completions", json=_chat(img, prompt, **kw),  # noqa: E731
-                                   headers=AUTH).json()
+
+    def post(**kw) -> dict:
+        return httpx.post(f"{server.url}/v1/chat/completions", json=_chat(img, prompt, **kw), headers=AUTH).json()
+
     for seed in range(20):  # a seed whose sample has a printable character to stop at
         text = post(temperature=1.0, seed=seed, max_tokens=12)["choices"][0]["message"]["content"]
         stop = next((c for c in text[1:] if c.isalnum()), None)
@@ -355,3 +356,29 @@ def test_low_confidence_with_fallback_error_is_422_with_the_librarys_message(eng
         assert "below router.min_confidence=1.0 and router.fallback is 'error' (fix:" in r.json()["error"]["message"]
         forced = httpx.post(f"{s.url}/v1/chat/completions", json=_chat(*items[0], model="calendar"))
         assert forced.status_code == 200  # a forced adapter never falls back
+
+
+# ---- an app built from a registry path (loads in the background) ----------------------------------------
+
+def test_an_app_built_from_a_registry_loads_in_the_background_and_says_when_it_is_ready(serve_project, items,
+                                                                                          expected):
+    with run_server(serve_project, ServeSettings(default_max_tokens=MAX_NEW, reload_interval_s=0)) as s:
+        assert httpx.get(f"{s.url}/readyz").json()["status"] == "ready"
+        r = httpx.post(f"{s.url}/v1/chat/completions", json=_chat(*items[0]))
+        assert r.json()["choices"][0]["message"]["content"] == expected[0].text
+
+
+def test_an_app_whose_registry_does_not_load_stays_up_and_says_why(tmp_path, items):
+    missing = tmp_path / "nope" / "registry.yaml"
+    with run_server(missing, ServeSettings(reload_interval_s=0), wait_ready=False) as s:
+        url = s.url
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/readyz").json()["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 503 and "registry file not found" in ready.json()["error"]
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        r = httpx.post(f"{url}/v1/chat/completions", json=_chat(*items[0]))
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_load_failed"
+        assert "registry file not found" in r.json()["error"]["message"]

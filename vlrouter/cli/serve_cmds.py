@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from vlrouter.cli.app import app
 from vlrouter.cli.options import DEFAULT_REGISTRY, DeviceOpt, RegistryOpt
-from vlrouter.cli.ui import RichProgress, console, err_console, handle_errors
+from vlrouter.cli.ui import RichProgress, console, err_console, fail, handle_errors
 
 HostOpt = Annotated[str, typer.Option("--host", help="Address to bind; the loopback default is reachable only from "
                                       "this machine.")]
@@ -108,8 +108,10 @@ def serve_cmd(
         server.run()
     except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the Ctrl-C: the normal way to stop
         pass
+    except SystemExit:  # uvicorn exits when it cannot bind; its log line above says why
+        if server.started:
+            raise
     if not server.started:
-        err_console.print(f"[bold red]error:[/] could not serve on {escape(host)}:{port} (see the log above; fix: "
-                          "another --port, or stop what is using it)")
-        raise typer.Exit(1)
+        fail(f"could not serve on {host}:{port} (the log above says why; fix: choose another --port or --host, or "
+             "stop what is using it)")
     console.print("stopped")

@@ -164,17 +164,17 @@ class ServerState:
         limit = self.settings.max_image_bytes
         buf = bytearray()
         try:
-            async with httpx.AsyncClient(timeout=self.settings.remote_image_timeout_s, follow_redirects=True) as c:
-                async with c.stream("GET", ref.url) as r:
-                    if r.status_code != 200:
-                        raise oa.bad_request(ref.param, f"fetching the image URL answered HTTP {r.status_code}",
-                                             fix="check the URL, or send the image inline as a data: URL",
-                                             code="image_fetch_failed")
-                    async for chunk in r.aiter_bytes():
-                        buf += chunk
-                        if len(buf) > limit:
-                            raise oa.too_large(ref.param, f"the image at the URL is over the server's limit of "
-                                               f"{limit:,} bytes", code="image_too_large")
+            async with httpx.AsyncClient(timeout=self.settings.remote_image_timeout_s, follow_redirects=True) as c, \
+                    c.stream("GET", ref.url) as r:
+                if r.status_code != 200:
+                    raise oa.bad_request(ref.param, f"fetching the image URL answered HTTP {r.status_code}",
+                                         fix="check the URL, or send the image inline as a data: URL",
+                                         code="image_fetch_failed")
+                async for chunk in r.aiter_bytes():
+                    buf += chunk
+                    if len(buf) > limit:
+                        raise oa.too_large(ref.param, f"the image at the URL is over the server's limit of "
+                                           f"{limit:,} bytes", code="image_too_large")
         except httpx.HTTPError as e:
             raise oa.bad_request(ref.param, f"cannot fetch the image URL ({type(e).__name__}: {e})",
                                  fix="check the URL, or send the image inline as a data: URL",
@@ -283,8 +283,8 @@ class _Guard:
             return False, "missing API key (fix: send the header Authorization: Bearer KEY)"
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
-            return False, "incorrect API key (fix: send the key the server was started with, as Authorization: " \
-                          "Bearer KEY)"
+            return False, ("incorrect API key (fix: send the key the server was started with, as Authorization: "
+                           "Bearer KEY)")
         return True, ""
 
     async def __call__(self, scope, receive, send) -> None:

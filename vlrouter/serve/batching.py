@@ -183,7 +183,9 @@ class Batcher:
             self.running = len(batch)
             try:
                 results = await loop.run_in_executor(self._executor, self._execute, batch)
-            except RuntimeError as e:  # executor shut down under us: the server is stopping
+            except Exception as e:  # the executor shut down under us (stopping), or a bug: fail this batch only
+                if not isinstance(e, RuntimeError):
+                    log.exception("batch of %d failed", len(batch))
                 results = [e] * len(batch)
             finally:
                 self.running = 0

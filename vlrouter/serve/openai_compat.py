@@ -34,7 +34,7 @@ AUTO = "auto"
 BASE = "base"
 OWNER = "vlrouter"
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WebP"}
-_DATA_URL = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),(.*)$", re.S)
+_DATA_URL = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),(.*)$", re.DOTALL)
 
 
 # ---- errors -----------------------------------------------------------------------------------
@@ -221,8 +221,7 @@ def decode_base64(payload: Any, param: str, settings: ServeSettings) -> bytes:
 
 
 def check_image_format(data: bytes, param: str) -> None:
-    if data.startswith(b"\x89PNG\r\n\x1a\n") or data.startswith(b"\xff\xd8\xff") or (
-            data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+    if data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
         return
     raise bad_request(param, "the image is not a PNG, JPEG or WebP file", fix="send a PNG, JPEG or WebP screenshot",
                       code="invalid_image")
