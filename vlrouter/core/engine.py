@@ -595,7 +595,6 @@ class Engine:
         return [Action(a, r.confidence, t, p, dict(timings), routed=r.adapter, probs=r.probs)
                 for a, r, t, p in zip(chosen, routes, texts, parsed)]
 
-
     # ---- serving: forced adapters, the model lock, reloading a promoted router ----------
     # Appended for `router serve` (vlrouter/serve/): everything below is used by the server
     # and its reload watcher; the methods above only call _forced_route and _note_sources.
