@@ -2,6 +2,7 @@
 """Server benchmark: `router serve` throughput and latency, batched vs --max-batch-size 1, side by side.
 
     .venv/bin/python bench/bench_serve.py [--json results.json] [--clients 8] [--calls 25] [--calls-100m 4]
+                                          [--server-threads 1]
 
 Builds (offline, in a temp folder unless ``--workdir``) the ``tiny`` and ``100m`` random
 Qwen3-VL projects of bench/bench_engine.py (three LoRA adapters, a router head), then for
@@ -11,6 +12,10 @@ each model starts ``router serve`` as its own process on a free loopback port tw
 (``POST /v1/chat/completions``, greedy, ``max_tokens`` 16, a 320x240 PNG). It reports
 requests per second, p50 / p99 latency as the clients saw it, the mean rows per engine
 call (from ``/metrics``), and whether every answer matched between the two servers.
+
+The server runs torch with ``--server-threads`` intra-op threads (``OMP_NUM_THREADS``;
+default 1): on a 2-core machine shared with other work, two OpenMP threads spinning against
+other processes made one act ~10x slower than one thread did, and the numbers noise.
 
 A script, not a test: prints a markdown table; ``--json PATH`` also writes the numbers.
 """
@@ -63,7 +68,7 @@ def _bodies() -> list[bytes]:
     return out
 
 
-def serve_and_load(registry: Path, batch: int, clients: int, calls: int) -> dict:
+def serve_and_load(registry: Path, batch: int, clients: int, calls: int, threads: int = 1) -> dict:
     """Start `router serve --max-batch-size batch`, run the load, stop it. Latencies in ms."""
     import httpx
 
@@ -71,9 +76,9 @@ def serve_and_load(registry: Path, batch: int, clients: int, calls: int) -> dict
     router = str(Path(sys.executable).parent / "router")
     proc = subprocess.Popen([router, "serve", "--registry", str(registry), "--port", str(port), "--device", "cpu",
                              "--max-batch-size", str(batch), "--max-wait-ms", "10", "--log-level", "warning",
-                             "--max-queue", str(4 * clients)],
+                             "--max-queue", str(4 * clients), "--request-timeout", "900"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "VLROUTER_PROGRESS": "0"})
+                            env={**os.environ, "VLROUTER_PROGRESS": "0", "OMP_NUM_THREADS": str(threads)})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -155,12 +160,13 @@ def render(results: dict) -> str:
         b, u = r["batched"], r["unbatched"]
         same = "yes" if r["answers_equal"] else "**no**"
         lines.append(f"| {preset} | --max-batch-size {b['max_batch_size']} | {b['requests']} | "
-                     f"**{b['req_per_s']:.1f}** ({b['req_per_s'] / u['req_per_s']:.2f}x) | {b['p50_ms']:.0f} | "
+                     f"**{b['req_per_s']:.2f}** ({b['req_per_s'] / u['req_per_s']:.2f}x) | {b['p50_ms']:.0f} | "
                      f"{b['p99_ms']:.0f} | {b['mean_rows_per_call']:.1f} | {same} |")
-        lines.append(f"| {preset} | --max-batch-size 1 | {u['requests']} | {u['req_per_s']:.1f} | {u['p50_ms']:.0f} | "
+        lines.append(f"| {preset} | --max-batch-size 1 | {u['requests']} | {u['req_per_s']:.2f} | {u['p50_ms']:.0f} | "
                      f"{u['p99_ms']:.0f} | {u['mean_rows_per_call']:.1f} | |")
-    lines += ["", f"{results['cpu_count']} CPUs, server and clients on one machine (loopback), "
-                  f"torch {results['torch']}, Python {results['python']}"]
+    lines += ["", f"{results['cpu_count']} CPUs shared with other work (load average {results['load_average']:.1f} "
+                  f"at the end), server and clients on one machine (loopback), {results['server_threads']} torch "
+                  f"thread(s) in the server, torch {results['torch']}, Python {results['python']}"]
     return "\n".join(lines)
 
 
@@ -170,6 +176,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--calls", type=int, default=25, help="requests per client, tiny model")
     ap.add_argument("--calls-100m", type=int, default=4, help="requests per client, 100m model (~1 s per act)")
+    ap.add_argument("--server-threads", type=int, default=1, help="torch intra-op threads of the server")
     ap.add_argument("--workdir", help="keep the built models here (default: a temp folder, removed)")
     args = ap.parse_args()
     import platform
@@ -190,12 +197,13 @@ def main() -> None:
         reg = work / preset / "registry.yaml"
         if not reg.exists():
             reg = Path(be.run_child("build", work / preset, 0)["registry"])
-        batched = serve_and_load(reg, BATCHED, args.clients, calls)
-        unbatched = serve_and_load(reg, 1, args.clients, calls)
+        batched = serve_and_load(reg, BATCHED, args.clients, calls, args.server_threads)
+        unbatched = serve_and_load(reg, 1, args.clients, calls, args.server_threads)
         equal = batched.pop("answers") == unbatched.pop("answers")
         models[preset] = {"batched": batched, "unbatched": unbatched, "answers_equal": equal}
         print(f"{preset}: {batched['req_per_s']:.1f} vs {unbatched['req_per_s']:.1f} req/s", file=sys.stderr)
     results = {"models": models, "clients": args.clients, "max_tokens": MAX_TOKENS, "cpu_count": os.cpu_count(),
+               "server_threads": args.server_threads, "load_average": os.getloadavg()[0],
                "torch": torch.__version__, "python": platform.python_version()}
     print(render(results))
     print(f"\n(bench took {time.time() - t_start:.0f}s)", file=sys.stderr)
