@@ -32,6 +32,7 @@ def _module(name: str):
 def block(results_dir: Path = RESULTS) -> str:
     train = json.loads((results_dir / "train.json").read_text())
     engine = json.loads((results_dir / "engine.json").read_text())
+    serve = json.loads((results_dir / "serve.json").read_text())
     return "\n".join([
         "### Training: cold retrain vs add-adapter, head training, embedding (bench/bench_train.py)",
         "",
@@ -40,6 +41,10 @@ def block(results_dir: Path = RESULTS) -> str:
         "### Engine: memory and act latency (bench/bench_engine.py)",
         "",
         _module("bench_engine").render(engine),
+        "",
+        "### Serving: throughput and latency, batched vs unbatched (bench/bench_serve.py)",
+        "",
+        _module("bench_serve").render(serve),
     ])
 
 

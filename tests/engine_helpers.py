@@ -164,3 +164,38 @@ def make_project(root: str | Path, model_dir: str | Path, *, names=NAMES, target
     reg = write_registry(root, model_dir, {n: f"checkpoints/{n}" for n in cks}, **registry_kwargs)
     train_router(reg, encoder=encoder)
     return reg
+
+
+def promote_router(registry_path: str | Path, checkpoints: dict[str, str | Path], *, encoder=None,
+                   update_registry: bool = True) -> Path:
+    """Train a router over ``checkpoints`` (name -> folder) and promote it, as ``router add-adapter`` does.
+
+    The candidate is written into a fresh version folder beside the live router and
+    swapped in with :func:`vlrouter.core.store.promote` (the symlink swap); then, when
+    ``update_registry``, registry.yaml is rewritten to list the same adapters -- in that
+    order, like ``add-adapter`` (promotion first, registry save after). Returns the new
+    version folder.
+    """
+    import shutil
+    import tempfile
+
+    from vlrouter.core.registry import Registry
+    from vlrouter.core.store import new_version_dir, promote
+
+    reg = Registry.load(registry_path)
+    live = reg.router_dir  # a plain folder (make_project) is moved into the versions folder by promote()
+    cand = new_version_dir(live)
+    scratch = Path(tempfile.mkdtemp(prefix="vlrouter-promote-"))
+    cks = {n: str(reg.resolve(p)) for n, p in checkpoints.items()}
+    write_registry(scratch, reg.base_model, cks, router_dir=str(cand), pooling=reg.model.router.pooling,
+                   layer=reg.model.router.layer)
+    try:
+        train_router(scratch / "registry.yaml", encoder=encoder)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    promote(cand, live)
+    if update_registry:
+        r = reg.model.router
+        write_registry(Path(registry_path).parent, reg.model.base_model, checkpoints, router_dir=str(r.dir),
+                       fallback=r.fallback, min_confidence=r.min_confidence, pooling=r.pooling, layer=r.layer)
+    return cand

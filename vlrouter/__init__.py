@@ -23,7 +23,7 @@ from vlrouter.plugins.manager import AdapterSpec  # noqa: E402
 
 __all__ = ["AdapterSpec", "Action", "Engine", "Route", "UIAction", "__version__", "hookimpl"]
 
-_LAZY = {"Engine": "vlrouter.core.engine", "Route": "vlrouter.core.engine", "Action": "vlrouter.core.engine",
+_LAZY = {"Engine": "vlrouter.core.engine", "Route": "vlrouter.core.results", "Action": "vlrouter.core.results",
          "UIAction": "vlrouter.core.actions"}
 
 

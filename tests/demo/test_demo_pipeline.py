@@ -45,7 +45,8 @@ def demo(tmp_path_factory):
     os.chdir(root)  # `make demo` runs `router demo demo-run`: a path relative to where it runs
     demo_cmds.run_demo = run_and_keep
     try:
-        res = CliRunner().invoke(app, ["demo", "demo-run", "--samples", str(SAMPLES), "--lora-steps", "1"],
+        res = CliRunner().invoke(app, ["demo", "demo-run", "--samples", str(SAMPLES), "--lora-steps", "1",
+                                       "--heldout", "3"],
                                  env={"COLUMNS": "200", "VLROUTER_DEBUG": "", "VLROUTER_PROGRESS": "0"})
     finally:
         demo_cmds.run_demo = original

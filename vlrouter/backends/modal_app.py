@@ -116,6 +116,9 @@ PIP_PACKAGES = [
     "typer>=0.12",
     "filelock>=3.12",
     "tensorboard>=2.15",
+    "fastapi>=0.115",  # the server (vlrouter.serve), so the same image can serve the app
+    "uvicorn>=0.30",
+    "httpx>=0.27",
 ]
 
 image = (

@@ -69,14 +69,17 @@ def demo_cmd(
     = None,
     samples: Annotated[int, typer.Option("--samples", min=4, help="Screenshots per task.")] = 100,
     lora_steps: Annotated[int, typer.Option("--lora-steps", min=1, help="Training steps per demo LoRA.")] = 80,
+    heldout: Annotated[int, typer.Option("--heldout", min=1, help="Held-out screenshots per task to route "
+                                         "(accuracy and calibration).")] = 100,
     seed: Annotated[int, typer.Option("--seed", help="Seed for data, adapters and router.")] = 0,
 ) -> None:
     """Run the offline demo: datasets, tiny base model, LoRAs, retrain, add-adapter, eval, act."""
     check_demo_dir(directory)  # before anything is printed or built
     start = time.perf_counter()
     _step("vlrouter demo: synthetic screenshots, tiny Qwen3-VL, 4 LoRA adapters")
-    report = run_demo(directory, DemoConfig(samples_per_task=samples, lora_steps=lora_steps, seed=seed,
-                                            base_model=base_model),
+    cfg = DemoConfig(samples_per_task=samples, lora_steps=lora_steps, seed=seed, heldout_per_task=heldout,
+                     base_model=base_model)
+    report = run_demo(directory, cfg,
                       progress=RichProgress(console), on_step=_on_step)
     _step("done")
     console.print(f"held-out routing accuracy [bold]{report.heldout_accuracy:.1%}[/] on {report.heldout_n} "

@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "vlrouter.cli.demo_cmds",  # demo
     "vlrouter.cli.modal_cmds",  # upload-dataset
     "vlrouter.cli.seed_cmds",  # import-seed-head
+    "vlrouter.cli.serve_cmds",  # serve
 )
 
 for _mod in COMMAND_MODULES:

@@ -35,14 +35,11 @@ lock, under its own lock. For throughput, batch with :meth:`Engine.act_batch` in
 
 from __future__ import annotations
 
-import copy
-import functools
 import math
+import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,89 +47,38 @@ import pluggy
 
 from vlrouter.core.actions import UIAction
 from vlrouter.core.encoder import build_inputs, load_base_model, load_processor, set_prompt_token_limit
-from vlrouter.core.errors import InputError, LowConfidenceError, RegistryError, StaleRouterError, located
+from vlrouter.core.errors import (
+    InputError,
+    LowConfidenceError,
+    ModelLoadError,
+    RegistryError,
+    RouterError,
+    StaleRouterError,
+    UnknownAdapterError,
+    located,
+)
 from vlrouter.core.images import open_image
-from vlrouter.core.lora import AdapterSource, check_adapter_checkpoint, load_adapters, vision_adapters
+from vlrouter.core.lora import (
+    AdapterSource,
+    check_adapter_checkpoint,
+    checkpoint_stamp,
+    delete_adapter,
+    load_adapter,
+    load_adapters,
+    vision_adapters,
+)
 from vlrouter.core.ood import OODModel
 from vlrouter.core.registry import Registry
+from vlrouter.core.results import BASE, Action, ReloadResult, Route
 from vlrouter.core.store import META_FILE, RouterMeta, check_router_for, read_router
 from vlrouter.core.views import TokenIds, encode_views, inner_vl_model, num_text_layers, resolve_layer, view_key
-from vlrouter.plugins.manager import get_plugin_manager, parse_action
+from vlrouter.core.vision import reuse_image_features
+from vlrouter.plugins.manager import get_plugin_manager, load_module_plugin, parse_action
 
-__all__ = ["BASE", "Action", "Engine", "Route"]
+__all__ = ["BASE", "Action", "Engine", "ReloadResult", "Route"]
 
-BASE = "base"  # Action.adapter when the base model (no adapter) generated the text
 PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 FALLBACKS = ("base", "error")
-
-
-# ---- results ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Route:
-    """The router's answer: the top adapter, its probability, every adapter's probability, and whether
-    the input looks like any adapter's training data at all.
-
-    ``ood_score`` (higher = less like the training data; ~1 for typical training inputs)
-    and ``known`` (``ood_score`` within the threshold calibrated on validation, so about
-    95 % of in-distribution inputs are known) come from :mod:`vlrouter.core.ood`; with
-    ``router.ood: off`` (or a router trained without it) ``ood_score`` is None and
-    ``known`` True.
-    """
-
-    adapter: str
-    confidence: float
-    probs: dict[str, float]
-    ood_score: float | None = None
-    known: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"adapter": self.adapter, "confidence": self.confidence, "probs": dict(self.probs),
-                "ood_score": self.ood_score, "known": self.known}
-
-
-@dataclass(frozen=True)
-class Action:
-    """What the engine did: the adapter that generated, the text, its parsed action, timings.
-
-    ``adapter`` is the adapter that generated ``text`` (``"base"`` for the base model);
-    ``routed`` is the router's top choice -- they differ when ``router.fallback``
-    applied because ``confidence`` (the router's probability for ``routed``) was below
-    ``router.min_confidence``, or the input was not ``known`` (see :class:`Route`).
-    ``action`` is None when the text does not parse.
-    ``timings`` holds ``route_ms`` (opening the image, processor, routing pass, head),
-    ``generate_ms``, ``total_ms`` and ``vision_calls`` (vision-tower forwards during the
-    call: 1 when the routing pass's image features were reused); for
-    :meth:`Engine.act_batch`, the whole batch's numbers, and ``batch_size``.
-    """
-
-    adapter: str
-    confidence: float
-    text: str
-    action: UIAction | None
-    timings: dict[str, float]
-    routed: str = ""
-    probs: dict[str, float] = field(default_factory=dict)
-    ood_score: float | None = None
-    known: bool = True
-
-    @property
-    def fallback(self) -> bool:
-        return self.adapter != self.routed
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "adapter": self.adapter,
-            "routed": self.routed,
-            "fallback": self.fallback,
-            "confidence": self.confidence,
-            "probs": dict(self.probs),
-            "ood_score": self.ood_score,
-            "known": self.known,
-            "text": self.text,
-            "action": None if self.action is None else self.action.to_dict(),
-            "timings": dict(self.timings),
-        }
 
 
 # ---- the engine -------------------------------------------------------------------------
@@ -239,9 +185,11 @@ class Engine:
         model = load_adapters(base, sources)
         if plugin_manager is None:
             plugin_manager = get_plugin_manager(reg)
-        return cls(model, processor, router.head, meta, plugin_manager=plugin_manager,
-                   min_confidence=m.router.min_confidence, fallback=m.router.fallback,
-                   ood=router.ood if m.router.ood != "off" else None)
+        engine = cls(model, processor, router.head, meta, plugin_manager=plugin_manager,
+                     min_confidence=m.router.min_confidence, fallback=m.router.fallback,
+                     ood=router.ood if m.router.ood != "off" else None)
+        engine._note_sources(reg, sources, router.dir)  # for reload(): where this engine came from
+        return engine
 
     def __repr__(self) -> str:
         dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
@@ -351,44 +299,6 @@ class Engine:
                     "and `router retrain`"))
         return self.fallback  # "base" or an adapter name
 
-    @contextmanager
-    def _reuse_image_features(self) -> Iterator[dict]:
-        """During one call, hand the vision features of the routing pass to the generation pass.
-
-        Wraps the inner ``Qwen3VLModel.get_image_features`` (called both by its
-        ``forward`` and by ``generate`` before prefill) with a cache keyed by the
-        ``pixel_values`` tensor's identity and the image grid. The returned object holds
-        ``enabled``: set it False to make the next pass encode the image again.
-        """
-        inner = self._inner
-        had_own = "get_image_features" in inner.__dict__
-        original = inner.get_image_features
-        state: dict[str, Any] = {"enabled": True, "entries": [], "vision_calls": 0}
-
-        @functools.wraps(original)
-        def get_image_features(pixel_values, image_grid_thw=None, **kwargs):
-            if state["enabled"]:
-                for pv, grid, out in state["entries"]:
-                    if pv is pixel_values and (grid is image_grid_thw or (
-                            grid is not None and image_grid_thw is not None
-                            and self._torch.equal(grid, image_grid_thw))):
-                        return _copy_output(out)
-            out = original(pixel_values, image_grid_thw, **kwargs)
-            state["vision_calls"] += 1
-            if state["enabled"]:
-                state["entries"].append((pixel_values, image_grid_thw, out))
-                return _copy_output(out)
-            return out
-
-        inner.get_image_features = get_image_features
-        try:
-            yield state
-        finally:
-            if had_own:
-                inner.get_image_features = original
-            else:
-                del inner.get_image_features
-
     def _generation_kwargs(self, max_new_tokens: int, generate_kwargs: dict) -> dict:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(located(None, "max_new_tokens", f"max_new_tokens must be a positive integer, got "
@@ -425,18 +335,24 @@ class Engine:
     def _parse(self, adapter: str, text: str) -> UIAction | None:
         return parse_action(self.plugin_manager, adapter, text)
 
-    def act(self, image, prompt: str, max_new_tokens: int = 64, **generate_kwargs) -> Action:
+    def act(self, image, prompt: str, max_new_tokens: int = 64, *, adapter: str | None = None,
+            **generate_kwargs) -> Action:
         """Route, then generate with the chosen adapter, then parse the action.
 
         Greedy unless ``generate_kwargs`` say otherwise (they go to ``generate``).
         The image is encoded once when the generating adapter leaves the vision tower alone.
+        ``adapter`` (an adapter name or ``"base"``) skips routing and generates with that
+        adapter: the Action's ``routed`` is that name, ``confidence`` 1.0, ``probs`` empty.
         """
         t0 = time.perf_counter()
         gen_kwargs = self._generation_kwargs(max_new_tokens, generate_kwargs)
         batch = self._prepare([(image, prompt)])
-        with self._lock, self._reuse_image_features() as reuse:
-            route = self._routes(*self._features(batch))[0]
-            adapter = self._decide(route)
+        with self._lock, reuse_image_features(self._inner) as reuse:
+            if adapter is None:
+                route = self._routes(*self._features(batch))[0]
+                adapter = self._decide(route)
+            else:
+                route = self._forced_route(adapter)
             t1 = time.perf_counter()
             reuse["enabled"] = adapter not in self.vision_adapters
             text = self._generate(batch, [adapter], gen_kwargs)[0]
@@ -448,7 +364,8 @@ class Engine:
         return Action(adapter, route.confidence, text, parsed, timings, routed=route.adapter, probs=route.probs,
                       ood_score=route.ood_score, known=route.known)
 
-    def act_batch(self, items: Sequence[tuple[Any, str]], max_new_tokens: int = 64, **generate_kwargs) -> list[Action]:
+    def act_batch(self, items: Sequence[tuple[Any, str]], max_new_tokens: int = 64, *,
+                  adapters: Sequence[str | None] | None = None, **generate_kwargs) -> list[Action]:
         """Route every (image, prompt), then generate them all in ONE call with mixed adapters.
 
         Rows are left padded; each row runs with its own adapter (peft's
@@ -456,15 +373,22 @@ class Engine:
         per-item :meth:`act`. One exception: when different adapters in the batch have
         weights inside the vision tower, peft cannot mix them there (the vision tower
         sees image patches, not batch rows, and peft refuses ``adapter_names``), so the
-        batch is generated in one call per adapter.
+        batch is generated in one call per adapter. ``adapters`` (one entry per item:
+        an adapter name, ``"base"``, or None to route) forces rows, as ``act(adapter=)``;
+        the routing pass is skipped when every row is forced.
         """
         items = list(items)
         t0 = time.perf_counter()
         gen_kwargs = self._generation_kwargs(max_new_tokens, generate_kwargs)
+        forced = list(adapters) if adapters is not None else [None] * len(items)
+        if len(forced) != len(items):
+            raise InputError(f"got {len(forced)} adapters for {len(items)} items (fix: one entry per item, "
+                             "None to route)")
         batch = self._prepare(items)
-        with self._lock, self._reuse_image_features() as reuse:
-            routes = self._routes(*self._features(batch))
-            chosen = [self._decide(r, i) for i, r in enumerate(routes)]
+        with self._lock, reuse_image_features(self._inner) as reuse:
+            routed = self._routes(*self._features(batch)) if None in forced else [None] * len(items)
+            routes = [r if f is None else self._forced_route(f) for r, f in zip(routed, forced)]
+            chosen = [self._decide(r, i) if f is None else r.adapter for i, (r, f) in enumerate(zip(routes, forced))]
             t1 = time.perf_counter()
             touches_vision = bool(set(chosen) & self.vision_adapters)
             reuse["enabled"] = not touches_vision
@@ -486,12 +410,142 @@ class Engine:
                        known=r.known)
                 for a, r, t, p in zip(chosen, routes, texts, parsed)]
 
+    # ---- serving: forced adapters, the model lock, reloading a promoted router ----------
+    # Appended for `router serve` (vlrouter/serve/): everything below is used by the server
+    # and its reload watcher; the methods above only call _forced_route and _note_sources.
 
-def _copy_output(out):
-    """A shallow copy of a vision output, so a consumer that reassigns its fields cannot change the cache."""
-    new = copy.copy(out)
-    for key in ("pooler_output", "deepstack_features"):
-        v = getattr(out, key, None)
-        if isinstance(v, list):
-            setattr(new, key, list(v))
-    return new
+    registry_path: Path | None = None  # the registry.yaml from_registry read (reload() re-reads it)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The model lock (re-entrant). Hold it to run calls with nothing in between, e.g.
+        ``torch.manual_seed(s)`` then a sampled :meth:`act_batch`; a reload waits for it too."""
+        return self._lock
+
+    @property
+    def router_version(self) -> str | None:
+        """The router folder this engine routes with (the live symlink's resolved target), if known."""
+        return self.__dict__.get("_router_version")
+
+    def _forced_route(self, name: str) -> Route:
+        """The Route of a row whose adapter the caller chose (``act(adapter=)``): no routing pass."""
+        if name != BASE and name not in self.meta.adapters:
+            raise UnknownAdapterError(located(None, "adapter", f"unknown adapter {name!r}",
+                                              fix=f"one of {BASE}, {', '.join(self.meta.adapters)}"))
+        return Route(name, 1.0, {})
+
+    def _note_sources(self, reg: Registry, sources: Sequence[AdapterSource], version: str | Path | None = None) -> None:
+        self.registry_path = reg.path
+        self._router_version = str(version or os.path.realpath(reg.router_dir))
+        self._adapter_stamps = {s.name: checkpoint_stamp(s.path) for s in sources}
+
+    def reload(self, registry: str | Path | Registry | None = None, *, check_base_model: bool = True) -> ReloadResult:
+        """Switch to registry.yaml's live router without a restart (what ``router serve`` does on promotion).
+
+        Reads registry.yaml (default: the one :meth:`from_registry` read), resolves the live
+        router symlink once and reads that version whole; checks it matches the registry
+        (:class:`StaleRouterError` otherwise -- e.g. between ``router add-adapter``'s
+        promotion and its registry save: try again later) and the running base model; then
+        :meth:`swap_router`. The registry's ``plugin:`` modules are registered, and its
+        ``router.min_confidence`` / ``router.fallback`` / ``router.ood`` /
+        ``router.max_prompt_tokens`` apply. On any error the engine keeps the router it had.
+        """
+        target = registry if registry is not None else self.registry_path
+        if target is None:
+            raise InputError(located(None, "registry", "this engine was not loaded from a registry, so it cannot "
+                                     "reload one", fix="pass registry='registry.yaml'"))
+        reg = target if isinstance(target, Registry) else Registry.load(target)
+        m = reg.model
+        router = read_router(reg.router_dir)  # one version: both files come from it
+        check_router_for(router.meta, reg)
+        running = getattr(self.base_model, "name_or_path", None)
+        if running and reg.base_model != running and not _same_path(reg.base_model, running):
+            raise ModelLoadError(located(reg.path, "base_model", f"base_model changed from {running!r} to "
+                                         f"{reg.base_model!r}; a running engine cannot swap its base model",
+                                         fix="restart (`router serve`) to load the new base model"))
+        sources = [AdapterSource(a.name, reg.resolve(a.checkpoint), reg.path, f"adapters[{i}].checkpoint",
+                                 reg.line_of(("adapters", i, "checkpoint")))
+                   for i, a in enumerate(m.adapters)]
+        stamps = self.__dict__.get("_adapter_stamps", {})
+        for src in sources:
+            if src.name not in self.model.peft_config or stamps.get(src.name) != checkpoint_stamp(src.path):
+                check_adapter_checkpoint(src, [m.base_model, reg.base_model] if check_base_model else [])
+        for i, entry in enumerate(m.adapters):
+            if entry.plugin:
+                load_module_plugin(self.plugin_manager, entry.plugin, where=(reg.path, f"adapters[{i}].plugin"))
+        result = self.swap_router(router.head, router.meta, sources, ood=router.ood if m.router.ood != "off" else None,
+                                  min_confidence=m.router.min_confidence, fallback=m.router.fallback,
+                                  version=router.dir)
+        set_prompt_token_limit(self.processor, m.router.max_prompt_tokens)
+        self.registry_path = reg.path
+        return result
+
+    def swap_router(self, head, meta: RouterMeta, sources: Sequence[AdapterSource], *, ood: OODModel | None = None,
+                    min_confidence: float | None = None, fallback: str | None = None,
+                    version: str | Path | None = None) -> ReloadResult:
+        """Make (``head``, ``meta``, ``ood``) this engine's router, loading and dropping LoRAs to match.
+
+        ``sources`` names the checkpoint of every adapter in ``meta.adapters``. Under the
+        model lock (a call in flight finishes first; calls arriving meanwhile wait): load
+        the adapters the model lacks into the running ``PeftModel``, reload those whose
+        checkpoint files changed, check the new router against the model exactly as the
+        constructor does, drop the adapters the new router no longer names, then switch
+        head, representation, labels, OOD threshold and fallback at once. If a load or
+        check fails, the added adapters are removed again and the old router stays.
+        """
+        by_name = {s.name: s for s in sources}
+        missing = [n for n in meta.adapters if n not in by_name]
+        if missing:
+            raise InputError(located(None, "sources", f"no checkpoint given for the router's adapters {missing}",
+                                     fix="pass an AdapterSource for every name in router.json"))
+        min_confidence = self.min_confidence if min_confidence is None else min_confidence
+        fallback = self.fallback if fallback is None else fallback
+        with self._lock:
+            model = self.model
+            stamps = dict(self.__dict__.get("_adapter_stamps", {}))
+            new = [by_name[n] for n in meta.adapters if n not in model.peft_config]
+            changed = [by_name[n] for n in meta.adapters if n in model.peft_config and n in stamps
+                       and stamps[n] != checkpoint_stamp(by_name[n].path)]
+            dropped = [n for n in model.peft_config if n not in meta.adapters]
+            loaded: list[str] = []
+            try:
+                for src in changed:  # same name, new weights: drop the old ones, load the new
+                    delete_adapter(model, src.name)
+                    loaded.append(src.name)
+                    load_adapter(model, src)
+                for src in new:
+                    loaded.append(src.name)
+                    load_adapter(model, src)
+                checked = Engine(model, self.processor, head, meta, plugin_manager=self.plugin_manager,
+                                 min_confidence=min_confidence, fallback=fallback, ood=ood)
+            except BaseException:
+                for name in loaded:
+                    if name in model.peft_config:
+                        delete_adapter(model, name)
+                for src in changed:  # put the old weights back (best effort: their files may be gone)
+                    try:
+                        load_adapter(model, AdapterSource(src.name, Path(stamps[src.name][0])))
+                    except RouterError:
+                        pass
+                raise
+            for name in dropped:
+                delete_adapter(model, name)
+            model.eval()
+            model.requires_grad_(False)
+            self.head, self.meta, self.ood = checked.head, checked.meta, checked.ood
+            self.representation = checked.representation
+            self.min_confidence, self.fallback = checked.min_confidence, checked.fallback
+            self.vision_adapters = frozenset(vision_adapters(model))
+            for name in dropped:
+                stamps.pop(name, None)
+            for src in [*changed, *new]:
+                stamps[src.name] = checkpoint_stamp(src.path)
+            self._adapter_stamps = stamps
+            if version is not None:
+                self._router_version = str(version)
+        return ReloadResult(router=None if version is None else str(version), adapters=list(meta.adapters),
+                            added=[s.name for s in new], removed=dropped, replaced=[s.name for s in changed])
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b)

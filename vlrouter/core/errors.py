@@ -100,3 +100,7 @@ class InputError(RouterError):
 
 class LowConfidenceError(RouterError):
     """The router's confidence was below ``router.min_confidence`` and ``router.fallback`` is ``error``."""
+
+
+class UnknownAdapterError(InputError):
+    """A caller named an adapter the router does not have (e.g. a forced ``adapter=`` or a server ``model``)."""

@@ -8,6 +8,7 @@ once. Errors name the adapter, its folder and the registry field it came from.
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -191,3 +192,44 @@ def adapters_in(module) -> set[str]:
 def vision_adapters(model) -> set[str]:
     """Adapters with weights in the vision tower (their image features differ from the base's)."""
     return adapters_in(inner_vl_model(model).visual)
+
+
+# ---- a running PeftModel: one adapter in or out (a router promoted under a live engine) ------------
+
+def checkpoint_stamp(path: Path) -> tuple:
+    """(resolved folder, size and mtime of each checkpoint file): changes when the checkpoint is rewritten."""
+    path = Path(path)
+    files = []
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        try:
+            st = (path / name).stat()
+            files.append((name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            pass
+    return (os.path.realpath(path), tuple(files))
+
+
+def load_adapter(model, src: AdapterSource) -> None:
+    """Load one more PEFT checkpoint into a running ``PeftModel`` (errors as :func:`load_adapters`'s)."""
+    device = str(next(model.parameters()).device)
+    fix = "use an adapter trained for this base model (or retrain it on it)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            result = model.load_adapter(str(src.path), adapter_name=src.name, is_trainable=False, torch_device=device)
+        except RuntimeError as e:  # size mismatch from load_state_dict
+            first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+            raise src.err(f"adapter {src.name!r} ({src.path}) does not fit the base model: {first}", fix=fix) from None
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise src.err(f"adapter {src.name!r} ({src.path}) cannot be loaded: {type(e).__name__}: {e}",
+                          fix=fix) from None
+    if result.missing_keys:
+        raise src.err(f"adapter {src.name!r} ({src.path}) lacks weights for modules the config targets: "
+                      f"{str(result.missing_keys[0])[:200]}", fix="re-save the adapter with peft's save_pretrained")
+
+
+def delete_adapter(model, name: str) -> None:
+    """Drop one adapter's LoRA weights from a running ``PeftModel`` (another adapter becomes the active one)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns when the active adapter is deleted: we never rely on it
+        model.delete_adapter(name)

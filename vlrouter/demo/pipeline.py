@@ -41,7 +41,7 @@ EXTRA_TASK = "settings-toggle"
 @dataclass
 class DemoConfig:
     samples_per_task: int = 100
-    heldout_per_task: int = 25  # routed, for accuracy and calibration
+    heldout_per_task: int = 100  # routed, for accuracy and calibration (fewer make a noisy ECE)
     act_per_task: int = 2  # of those, generated with the chosen adapter and parsed
     lora_steps: int = 80
     seed: int = 0
