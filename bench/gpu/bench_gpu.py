@@ -552,7 +552,8 @@ def measure(size: str, plan: Plan, dry_run: bool, work: Path) -> dict:
                    "prompt_tokens": prompt_tokens, "adapters": ADAPTERS,
                    "lora": {"rank": LORA_RANK, "alpha": 2 * LORA_RANK, "targets": LORA_TARGETS},
                    "text_layers": n_layers, "hidden_size": hidden, "vision_depth": int(config.vision_config.depth),
-                   "vocab_size": int(text_cfg.vocab_size), "attn_implementation": base.config._attn_implementation},
+                   "vocab_size": int(text_cfg.vocab_size), "attn_implementation": base.config._attn_implementation,
+                   "processor": f"{type(processor).__name__} + {type(processor.image_processor).__name__}"},
         "params": {"base": base_params, "vision": vision_params, "lora_4_adapters": lora_params,
                    "base_weights_mib": _r(sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                                               if "lora_" not in n) / MIB), "lora_mib": _r(lora_mib)},
