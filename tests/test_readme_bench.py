@@ -20,6 +20,22 @@ def test_readme_benchmark_block_matches_bench_run_output():
     assert report.readme_block() == report.block(), "README benchmarks differ: run `bash bench/run --update-readme`"
 
 
+def test_readme_gpu_block_matches_the_gpu_results():
+    """The "Real-size figures on a GPU" tables render bench/results/gpu-*.json, or say that no GPU run happened."""
+    report = _report()
+    block = report.readme_block(start=report.GPU_START, end=report.GPU_END)
+    assert block == report.gpu_block(), "README GPU figures differ: run `python bench/report.py --update-readme`"
+    if not report.gpu_results():
+        assert "No GPU run has happened yet" in block and report.GPU_COMMAND in block
+
+
+def test_readme_names_the_gpu_benchmark_command():
+    readme = (ROOT / "README.md").read_text()
+    run = (ROOT / "bench" / "gpu" / "run").read_text()
+    assert "## Real-size figures on a GPU" in readme and "bash bench/gpu/run" in readme
+    assert "bench/gpu/bench_gpu.py" in run
+
+
 def test_readme_names_the_one_benchmark_command():
     readme = (ROOT / "README.md").read_text()
     run = (ROOT / "bench" / "run").read_text()
