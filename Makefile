@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench mutate mutate-known clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	bash bench/run
+
+# Mutation testing (not part of `make test` or CI): see README "Development".
+mutate: $(STAMP)
+	$(PY) bench/mutate.py run $(MUTATE_ARGS)
+
+mutate-known: $(STAMP)
+	$(PY) bench/mutate.py known --runs 3
 
 clean:
 	rm -rf $(VENV) demo-run

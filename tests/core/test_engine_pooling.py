@@ -1,0 +1,51 @@
+"""The engine pools as its router was trained: router.json's pooling and layer, not the defaults.
+
+A router trained on last-token features of the second-to-last layer must route on exactly those features;
+pooling the mean (the default) or the last layer gives other features, other probabilities.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import engine_helpers as H
+from vlrouter.core.encoder import Encoder
+from vlrouter.core.engine import Engine
+from vlrouter.core.head import head_logits
+
+NAMES = ["calendar", "claim-window"]
+POOLING, LAYER = "last", -2  # not the defaults (mean, -1)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, tiny_model_dir, tiny_encoder):
+    reg = H.make_project(tmp_path_factory.mktemp("pooling-project"), tiny_model_dir, names=NAMES,
+                         encoder=tiny_encoder, pooling=POOLING, layer=LAYER)
+    return Engine.from_registry(reg, device="cpu")
+
+
+def _features(tiny_encoder, image, prompt, *, pooling, layer):
+    enc = Encoder(tiny_encoder.model, tiny_encoder.processor, tiny_encoder.base_model, pooling=pooling, layer=layer)
+    return enc.embed([image], [prompt])
+
+
+def test_engine_routes_on_the_features_its_router_was_trained_on(engine, tiny_encoder):
+    assert (engine.meta.pooling, engine.meta.layer) == (POOLING, LAYER)
+    for image, prompt, _ in H.samples(NAMES):
+        trained = _features(tiny_encoder, image, prompt, pooling=POOLING, layer=LAYER)
+        torch.testing.assert_close(engine.embed([image], [prompt]), trained, rtol=1e-4, atol=1e-5)
+        expected = torch.softmax(head_logits(engine.head, trained)[0] / engine.meta.temperature, -1)
+        route = engine.route(image, prompt)
+        assert [route.probs[n] for n in NAMES] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_other_poolings_would_give_other_features_and_probabilities(engine, tiny_encoder):
+    """The test above means something: mean pooling or the last layer would route differently."""
+    image, prompt, _ = H.samples(NAMES)[0]
+    route = engine.route(image, prompt)
+    for pooling, layer in (("mean", LAYER), (POOLING, -1)):
+        other = _features(tiny_encoder, image, prompt, pooling=pooling, layer=layer)
+        assert not torch.allclose(engine.embed([image], [prompt]), other, rtol=1e-3, atol=1e-3)
+        probs = torch.softmax(head_logits(engine.head, other)[0] / engine.meta.temperature, -1)
+        assert max(abs(route.probs[n] - p) for n, p in zip(NAMES, probs.tolist())) > 1e-4
