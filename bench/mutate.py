@@ -1,18 +1,22 @@
 #!/usr/bin/env python
 """Mutation testing of vlrouter: put one small bug at a time into the code and see whether a test fails.
 
-    .venv/bin/python bench/mutate.py run   [--paths vlrouter/core vlrouter/plugins] [--sample N] [--jobs 1]
-    .venv/bin/python bench/mutate.py known [--runs 3] [--only NAME]
-    .venv/bin/python bench/mutate.py list  [--paths ...]          (the mutants, nothing run)
+    .venv/bin/python bench/mutate.py run   [--files F ...] [--sample N] [--max-minutes 26] [--jobs 2]
+                                           [--budget 30] [--survivors-of bench/results/mutate.json]
+    .venv/bin/python bench/mutate.py known [--runs 3] [--only NAME ...]
+    .venv/bin/python bench/mutate.py list  [--files F ...]          (the mutants; nothing runs)
 
-``run`` (``make mutate``): the mutants of every module under ``--paths`` (operators in
-``bench/mutate_ops.py``), each run against the tests that execute its line; writes
-``bench/results/mutate.json`` and ``bench/results/mutate.md``: mutants, killed, timeouts, survivors
-(covered but no test failed) and not covered, per module, with every survivor's file:line and diff.
+``run`` (``make mutate``): the mutants of every module under ``--paths`` (default vlrouter/core and
+vlrouter/plugins; operators in ``bench/mutate_ops.py``) in a seeded random order -- so the mutants done
+when ``--max-minutes`` runs out are a uniform sample -- each against the tests that execute its lines.
+Writes ``bench/results/mutate.json`` and ``mutate.md``: mutants, killed, timeouts, survived (covered, no
+test failed) and not covered, per package and module, and every survivor's file:line and diff.
+``--survivors-of REPORT`` re-runs an earlier report's survivors (after adding tests for them).
 
 ``known`` (``make mutate-known``): the realistic bugs kept as patches in ``bench/mutants/known/*.patch``
-(each names the tests that must catch it in a ``# tests:`` header line), each applied and its tests run
-``--runs`` times: every run must fail. Exit status 1 when one survives or no longer applies.
+(a ``# bug:`` line says what it is, a ``# tests:`` line which tests must catch it), each applied and its
+tests run ``--runs`` times: every run must fail. Writes ``bench/results/mutate-known.json``; exit status
+1 when a bug survives a run, its tests fail without it, or its patch no longer applies.
 
 How it stays fast on 2 cores and never touches the working tree:
 
@@ -21,13 +25,15 @@ How it stays fast on 2 cores and never touches the working tree:
   end, Ctrl-C included.
 * One process imports torch/transformers/peft once and ``fork``s a child per pytest run, which imports
   vlrouter and runs ``pytest.main`` in the copy: no 5-10 s interpreter start-up per mutant. Every write
-  of a module gets a fresh modification time, so a cached ``.pyc`` never stands in for a mutant.
+  of a module gets a fresh modification time, so a cached ``.pyc`` never stands in for a mutant. Torch
+  runs one thread per job (tiny tensors; two threads per process on 2 busy cores are 10-40x slower).
 * A first traced run of the suite (``sys.settrace`` limited to the mutated packages) records which tests
-  execute each line (lines run at import -- defaults, decorators, constants -- map to every test that
-  runs the module). Per mutant only those tests run, fastest first, with ``-x``, under a timeout of
-  ``--timeout-factor`` x their traced time + ``--timeout-slack`` seconds; ``--budget`` caps the traced
-  seconds of tests selected per mutant (fastest first; the mutant records how many were left out).
-  The trace is cached under ``bench/.mutate-cache/`` until a source or test file changes.
+  execute each line (lines run only at import -- constants, defaults, decorators -- map to every test
+  that runs the module). Per mutant only those tests run, fastest first, with ``-x``, under a timeout of
+  ``--timeout-factor`` x their traced time + ``--timeout-slack`` seconds. ``--budget`` caps the traced
+  seconds of tests per mutant (fastest first; a survivor records how many covering tests were left
+  out: re-run it with ``--budget 0 --survivors-of``). The line map is cached under
+  ``bench/.mutate-cache/`` until a .py file changes.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -65,8 +72,10 @@ RESULTS = ROOT / "bench" / "results"
 CACHE = ROOT / "bench" / ".mutate-cache"
 # What conftest.py sets before anything imports huggingface_hub: set here too, since this process
 # imports transformers before conftest runs (in the forked children).
+# One torch thread per job: the tests' tensors are tiny, and on 2 shared cores a second thread per
+# process makes a 300-step head fit take seconds instead of a fraction of one (measured: 8 s vs 0.2 s).
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLROUTER_NO_ENTRY_POINTS": "1",
-       "TOKENIZERS_PARALLELISM": "false"}
+       "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 PREIMPORT = ["torch", "numpy", "PIL.Image", "pydantic", "pluggy", "safetensors.torch", "transformers", "peft",
              "transformers.models.qwen3_vl.modeling_qwen3_vl", "tokenizers", "typer", "rich", "ruamel.yaml",
              "filelock", "hypothesis", "matplotlib", "_pytest", "pytest", "anyio.pytest_plugin",
@@ -92,9 +101,10 @@ def copy_tree(dest: Path) -> Path:
 
 
 def fingerprint(files: list[str]) -> str:
+    """What the line map depends on: the package, the tests and pytest's configuration."""
     h = hashlib.sha256()
     for rel in files:
-        if rel.endswith(".py") or rel in ("pyproject.toml",):
+        if rel.startswith(("vlrouter/", "tests/")) and rel.endswith(".py") or rel == "pyproject.toml":
             h.update(rel.encode() + b"\0" + (ROOT / rel).read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
@@ -261,15 +271,15 @@ def select_tests(mutant: Mutant, lmap: dict, budget: float | None) -> tuple[list
     idx: set[int] = set()
     for line in range(mutant.line, mutant.end_line + 1):
         idx.update(lines.get(str(line), []))
-    if idx == {-1} or (not idx and any(-1 in lines.get(str(n), []) for n in range(mutant.line, mutant.end_line + 1))):
-        idx = {i for v in lines.values() for i in v}  # run at import: every test that runs this module
+    if idx == {-1}:  # run at import only (a constant, a default, a decorator): every test that runs this module
+        idx = {i for v in lines.values() for i in v}
     idx.discard(-1)
     order = sorted(idx, key=lambda i: lmap["durations"][i])
     chosen, total = [], 0.0
     for i in order:
         d = lmap["durations"][i]
-        if budget is not None and chosen and total + d > budget:
-            continue
+        if budget and chosen and total + d > budget:
+            break
         chosen.append(i)
         total += d
     return [lmap["tests"][i] for i in chosen], total, len(order) - len(chosen)
@@ -306,75 +316,81 @@ def all_mutants(files: list[str]) -> list[Mutant]:
     return out
 
 
-def run_campaign(args) -> int:
-    files = target_files(args.paths, args.exclude, args.files)
+def campaign_order(args, files: list[str]) -> tuple[list[Mutant], int]:
+    """The mutants to run, in a seeded random order (so any prefix is a uniform sample), and how many exist."""
     mutants = all_mutants(files)
-    total_generated = len(mutants)
-    if args.sample and args.sample < len(mutants):
-        mutants = sorted(random.Random(args.seed).sample(mutants, args.sample), key=lambda m: (m.file, m.line))
-    print(f"{total_generated} mutants in {len(files)} files" +
-          (f"; running a sample of {len(mutants)} (seed {args.seed})" if len(mutants) < total_generated else ""),
-          flush=True)
+    total = len(mutants)
+    random.Random(args.seed).shuffle(mutants)
+    if args.survivors_of:
+        wanted = {s["id"] for s in json.loads(Path(args.survivors_of).read_text())["survivors"]}
+        mutants = [m for m in mutants if m.id in wanted]
+    if args.match:
+        mutants = [m for m in mutants if re.search(args.match, m.id)]
+    if args.sample:
+        mutants = mutants[:args.sample]
+    return mutants, total
+
+
+def run_campaign(args) -> int:
+    t_start = time.monotonic()
+    deadline = t_start + args.max_minutes * 60 if args.max_minutes else None
+    files = target_files(args.paths, args.exclude, args.files)
+    mutants, total_generated = campaign_order(args, files)
+    print(f"{total_generated} mutants in {len(files)} files; {len(mutants)} to run in a random order (seed {args.seed})"
+          + (f", starting new ones for {args.max_minutes:g} min" if deadline else ""), flush=True)
     preimport()
     tmp = Path(tempfile.mkdtemp(prefix="vlrouter-mutate-"))
     running: dict[int, tuple] = {}
     try:
-        trees = [copy_tree(tmp / f"tree{j}") for j in range(args.jobs)]
+        trees = [copy_tree(tmp / f"tree{j}").resolve() for j in range(args.jobs)]
         key = fingerprint(tree_files()) + "-" + hashlib.sha256(" ".join(args.tests).encode()).hexdigest()[:6]
-        lmap = collect_line_map(trees[0].resolve(), files, args.tests, key)
+        lmap = collect_line_map(trees[0], files, args.tests, key)
         originals = {f: (ROOT / f).read_text() for f in files}
         results: list[Result] = []
-        queue = []
-        for m in mutants:
-            tests, traced, left = select_tests(m, lmap, args.budget)
-            if not tests:
-                results.append(Result(m, "not covered", diff=m.diff(originals[m.file])))
-            else:
-                queue.append((m, tests, traced, left))
+        queue = list(mutants)
         free = list(range(args.jobs))
-        t_start = time.monotonic()
-        done = 0
-        n = len(queue)
+        t_run = time.monotonic()
         while queue or running:
-            while queue and free and (args.max_minutes is None or time.monotonic() - t_start < args.max_minutes * 60):
-                m, tests, traced, left = queue.pop(0)
+            while queue and free and (deadline is None or time.monotonic() < deadline):
+                m = queue.pop(0)
+                tests, traced, left = select_tests(m, lmap, args.budget)
+                if not tests:
+                    results.append(Result(m, "not covered", diff=m.diff(originals[m.file])))
+                    continue
                 j = free.pop()
-                tree = trees[j]
-                write_source(tree / m.file, m.source)
+                write_source(trees[j] / m.file, m.source)
                 timeout = args.timeout_factor * traced + args.timeout_slack
-                pid = fork_pytest(tree, [*PYTEST_ARGS, *tests], tmp / f"job{j}.log")
-                running[pid] = (m, tests, left, j, time.monotonic(), timeout)
-            if queue and not free and not running:
-                break
+                pid = fork_pytest(trees[j], [*PYTEST_ARGS, *tests], tmp / f"job{j}.log")
+                running[pid] = (m, len(tests), left, j, time.monotonic(), timeout)
             if not running:
-                break
+                break  # the deadline passed with nothing in flight
             time.sleep(0.05)
             for pid in list(running):
-                m, tests, left, j, t0, timeout = running[pid]
+                m, n_tests, left, j, t0, timeout = running[pid]
                 finished, status = os.waitpid(pid, os.WNOHANG)
                 elapsed = time.monotonic() - t0
                 if not finished and elapsed <= timeout:
                     continue
-                if not finished:
+                if finished:
+                    verdict = "survived" if os.waitstatus_to_exitcode(status) in (0, 5) else "killed"
+                else:
                     kill_group(pid)
                     os.waitpid(pid, 0)
                     verdict = "timeout"
-                else:
-                    code = os.waitstatus_to_exitcode(status)
-                    verdict = "survived" if code in (0, 5) else "killed"
                 write_source(trees[j] / m.file, originals[m.file])
                 free.append(j)
                 del running[pid]
-                done += 1
-                results.append(Result(m, verdict, round(elapsed, 2), len(tests), left, m.diff(originals[m.file])))
-                rate = done / max(time.monotonic() - t_start, 1e-9) * 60
-                print(f"[{done}/{n}] {verdict:8s} {m.file}:{m.line} {m.operator:9s} {m.original[:40]!r} -> "
-                      f"{m.replacement[:40]!r} ({len(tests)} tests, {elapsed:.1f} s; {rate:.1f}/min)", flush=True)
-        not_run = [m for m, *_ in queue]
-        seconds = time.monotonic() - t_start
-        report = build_report(results, not_run, files, total_generated, len(mutants), seconds, lmap, args)
+                results.append(Result(m, verdict, round(elapsed, 2), n_tests, left, m.diff(originals[m.file])))
+                ran = sum(r.status != "not covered" for r in results)
+                rate = ran / max(time.monotonic() - t_run, 1e-9) * 60
+                print(f"[{len(results)}/{len(mutants)}] {verdict:8s} {m.file}:{m.line} {m.operator:9s} "
+                      f"{m.original[:40]!r} -> {m.replacement[:40]!r} ({n_tests} tests, {elapsed:.1f} s; "
+                      f"{rate:.1f} run/min)", flush=True)
+        report = build_report(results, queue, files, total_generated, time.monotonic() - t_start,
+                              time.monotonic() - t_run, lmap, args)
         write_report(report, Path(args.out))
         print(summary_line(report), flush=True)
+        print(f"report: {args.out} and {Path(args.out).with_suffix('.md')}", flush=True)
         return 0
     except KeyboardInterrupt:
         print("interrupted: the working tree was never changed; temp copies removed", file=sys.stderr)
@@ -385,8 +401,8 @@ def run_campaign(args) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_report(results: list[Result], not_run: list[Mutant], files, generated: int, selected: int,
-                 seconds: float, lmap: dict, args) -> dict:
+def build_report(results: list[Result], not_run: list[Mutant], files, generated: int, seconds: float,
+                 run_seconds: float, lmap: dict, args) -> dict:
     per: dict[str, dict[str, int]] = {f: defaultdict(int) for f in files}
     for r in results:
         per[r.mutant.file][r.status] += 1
@@ -408,20 +424,23 @@ def build_report(results: list[Result], not_run: list[Mutant], files, generated:
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "vlrouter", "tests"], cwd=ROOT,
                                 capture_output=True, text=True).stdout.strip())
     survivors = [r for r in results if r.status in ("survived", "not covered")]
+    ran = [r for r in results if r.status != "not covered"]
     return {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "commit": commit + ("+changes" if dirty else ""),
+        "command": "bench/mutate.py " + " ".join(sys.argv[1:]),
         "paths": args.paths,
         "excluded": args.exclude,
         "mutants_generated": generated,
-        "mutants_run": selected,
-        "sample_seed": args.seed if selected < generated else None,
-        "not_run_budget": len(not_run),
-        "seconds": round(seconds, 1),
-        "mutants_per_minute": round(len([r for r in results if r.status != "not covered"]) / max(seconds, 1e-9) * 60,
-                                    2),
-        "traced_suite_seconds": round(lmap.get("seconds", 0.0), 1),
+        "mutants_done": len(results),
+        "mutants_not_run": len(not_run),
+        "seed": args.seed,
+        "jobs": args.jobs,
         "budget_s": args.budget,
+        "seconds": round(seconds, 1),
+        "line_map_seconds": round(lmap.get("seconds", 0.0), 1),
+        "tests_traced": len(lmap["tests"]),
+        "mutants_per_minute": round(len(ran) / max(run_seconds, 1e-9) * 60, 2),
         "totals": totals(per.values()),
         "per_package": {p: totals(v for f, v in per.items() if str(Path(f).parent) == p) for p in packages},
         "per_module": {f: totals([v]) for f, v in per.items() if v},
@@ -442,14 +461,17 @@ def summary_line(report: dict) -> str:
 def write_report(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
+    done, gen = report["mutants_done"], report["mutants_generated"]
     md = [f"# Mutation testing: {report['date']}, commit {report['commit']}", "",
-          f"`python bench/mutate.py run` over {', '.join(report['paths'])} (excluded: "
-          f"{', '.join(report['excluded']) or 'none'}). {summary_line(report)}."]
-    if report["sample_seed"] is not None:
-        md.append(f"A sample of {report['mutants_run']} of {report['mutants_generated']} mutants "
-                  f"(seed {report['sample_seed']}).")
-    if report["not_run_budget"]:
-        md.append(f"{report['not_run_budget']} mutants were not run: the time budget ran out.")
+          f"`{report['command']}` over {', '.join(report['paths'])} "
+          f"(left out: {', '.join(report['excluded']) or 'none'}). {summary_line(report)}; "
+          f"line map of {report['tests_traced']} tests in "
+          f"{report['line_map_seconds'] / 60:.1f} min; {report['mutants_per_minute']} mutants run per minute with "
+          f"{report['jobs']} job(s)."]
+    if done < gen:
+        md.append(f"{done} of {gen} mutants, the first ones of a random order (seed {report['seed']}): a uniform "
+                  "sample" + (f"; {report['mutants_not_run']} not run when the time ran out." if
+                              report["mutants_not_run"] else "."))
     md += ["", "| where | mutants | killed | timeouts | survived | not covered | surviving % |",
            "|---|---:|---:|---:|---:|---:|---:|"]
     rows = [("**" + p + "**", t) for p, t in report["per_package"].items()] + list(report["per_module"].items())
@@ -548,15 +570,19 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--paths", nargs="+", default=DEFAULT_PATHS)
         s.add_argument("--exclude", nargs="*", default=DEFAULT_EXCLUDE)
         s.add_argument("--files", nargs="*", help="only these modules (repo-relative paths)")
-        s.add_argument("--sample", type=int, help="run a random sample of N mutants")
+        s.add_argument("--sample", type=int, help="only the first N mutants of the random order")
+        s.add_argument("--match", help="only mutants whose id (file:line:col:operator:replacement) matches this regex")
         s.add_argument("--seed", type=int, default=0)
     r = sub.choices["run"]
     r.add_argument("--tests", nargs="*", default=["tests"], help="what the line map traces (default: tests)")
-    r.add_argument("--jobs", type=int, default=1)
-    r.add_argument("--budget", type=float, default=None, help="max traced seconds of tests per mutant")
+    r.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="mutants run at once")
+    r.add_argument("--budget", type=float, default=30.0,
+                   help="traced seconds of tests per mutant, fastest first (0: every covering test)")
     r.add_argument("--timeout-factor", type=float, default=3.0)
     r.add_argument("--timeout-slack", type=float, default=20.0)
-    r.add_argument("--max-minutes", type=float, default=None, help="stop starting mutants after this long")
+    r.add_argument("--max-minutes", type=float, default=26.0,
+                   help="start no mutant after this many minutes from the start (0: run them all)")
+    r.add_argument("--survivors-of", metavar="REPORT", help="run only the survivors of an earlier report (mutate.json)")
     r.add_argument("--out", default=str(RESULTS / "mutate.json"))
     k = sub.add_parser("known")
     k.add_argument("--runs", type=int, default=3)
@@ -564,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "list":
         files = target_files(args.paths, args.exclude, args.files)
-        ms = all_mutants(files)
+        ms = [m for m in all_mutants(files) if not args.match or re.search(args.match, m.id)]
         for m in ms:
             print(f"{m.file}:{m.line} {m.operator:9s} {m.original!r} -> {m.replacement!r}")
         counts = defaultdict(int)

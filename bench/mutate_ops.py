@@ -19,9 +19,10 @@ is one line. Operators:
 
 Not mutated: strings (docstrings, messages), f-strings, type annotations, ``if TYPE_CHECKING:`` blocks,
 ``raise`` statements (error messages), logging/progress/warning calls, ``located(...)`` messages,
-``__repr__``, ``__all__``, presentation-only keyword arguments (``dpi=``, ``rotation=``, ...) and the
-decimals of ``round()``, and any line carrying ``# pragma: no mutate`` (on a ``def``/``class`` line: all of
-it; say why in the comment). A mutant whose source parses to the same AST as the original is dropped.
+``__repr__``, ``__all__``, presentation only (matplotlib drawing calls such as ``set_xlabel``, keyword
+arguments such as ``dpi=`` or ``rotation=``, the decimals of ``round()``), and any line carrying
+``# pragma: no mutate`` (on a ``def``/``class`` line: all of it; say why in the comment). A mutant whose
+source parses to the same AST as the original is dropped.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ ARITH_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: as
 PRAGMA = "pragma: no mutate"
 QUIET_CALLS = {"log", "debug", "info", "warning", "warn", "exception", "advance", "add_scalar", "located", "print",
                "set_description", "update"}
+# matplotlib calls that only draw (labels, ticks, colours, layout): what a plot shows, not whether it is written
+PLOT_CALLS = {"subplots", "imshow", "set_xticks", "set_yticks", "set_xlabel", "set_ylabel", "set_title", "text",
+              "colorbar", "tight_layout", "legend", "grid"}
 # keyword arguments that only change how something looks (a plot, a printed number), not what it is
 COSMETIC_KWARGS = {"rotation", "ha", "va", "dpi", "fraction", "figsize", "fontsize", "color", "cmap", "indent",
                    "labelsize", "alpha"}
@@ -111,7 +115,7 @@ def _never_mutated(node: ast.AST) -> bool:
     if isinstance(node, ast.If):
         return "TYPE_CHECKING" in ast.unparse(node.test)
     if isinstance(node, ast.Call):
-        return _call_name(node) in QUIET_CALLS
+        return _call_name(node) in QUIET_CALLS | PLOT_CALLS
     if isinstance(node, ast.Assign):
         return any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
     return False
@@ -199,7 +203,8 @@ def _stmt_mutations(node: ast.stmt) -> Iterator[tuple[str, str]]:
     """(operator, replacement source) for a statement node."""
     if isinstance(node, ast.Return) and node.value is not None and not isinstance(node.value, ast.Constant):
         yield "return", "return None"
-    elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and _call_name(node.value) not in QUIET_CALLS:
+    elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) \
+            and _call_name(node.value) not in QUIET_CALLS | PLOT_CALLS:
         yield "drop-call", "pass"
     elif isinstance(node, ast.AugAssign) and type(node.op) in ARITH_SWAP and not _is_str(node.value):
         m = copy.deepcopy(node)

@@ -76,3 +76,13 @@ def test_saved_and_reloaded_head_gives_the_same_logits_and_best_evaluation(tmp_p
     m = evaluate(loaded, vx, vy, class_names=NAMES)
     assert m["nll"] == pytest.approx(loaded_meta.best_loss, rel=1e-5, abs=1e-6)
     assert m["accuracy"] == pytest.approx(loaded_meta.best_acc, abs=1e-9)
+
+
+def test_training_does_not_depend_on_the_features_scale_or_offset():
+    """Standardization at work: hidden states with huge activations train the same router as small ones."""
+    head, stats, (tx, ty, vx, vy) = _train()
+    opts = TrainSection(epochs=200, batch_size=8, lr=0.05, patience=3, eval_every=1, seed=0)
+    big, big_stats = train_head(tx * 1000.0 - 300.0, ty, vx * 1000.0 - 300.0, vy, opts, num_labels=3)
+    assert big_stats["best_loss"] == pytest.approx(stats["best_loss"], rel=1e-3)
+    assert big_stats["best_acc"] == pytest.approx(stats["best_acc"], abs=1e-9)
+    assert torch.equal(head_logits(big, vx * 1000.0 - 300.0).argmax(1), head_logits(head, vx).argmax(1))

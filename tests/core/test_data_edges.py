@@ -1,0 +1,80 @@
+"""The routing dataset's edges: tiny adapters and held-out samples, what is reported, skipped-sample ids."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from tests.helpers import corrupt_file, make_dataset, registry_text
+from vlrouter.core.data import build_routing_dataset, read_adapter_dataset
+from vlrouter.core.progress import RecordingProgress
+from vlrouter.core.registry import Registry
+
+BASE = "Qwen/Qwen3-VL-8B-Instruct"  # never loaded here
+
+
+def _registry(root: Path, sizes: dict[str, int]) -> Registry:
+    for task, n in sizes.items():
+        make_dataset(root / "data" / task, task, n)
+    path = root / "registry.yaml"
+    path.write_text(registry_text(BASE, [(t, f"data/{t}/train.jsonl") for t in sizes]))
+    return Registry.load(path)
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _shortfalls(prog: RecordingProgress, flag: str) -> list[tuple[str, int]]:
+    """``(adapter, how many it has)`` for each "NAME: only N ... FLAG" message."""
+    found = [re.match(r"(\S+): only (\d+) .*" + flag, m) for m in prog.messages]
+    return [(m.group(1), int(m.group(2))) for m in found if m]
+
+
+def test_held_out_samples_never_leave_an_adapter_fewer_than_two_for_train_and_val(tmp_path):
+    reg = _registry(tmp_path / "proj", {"calendar": 2, "claim-window": 3, "provider-select": 10})
+    prog = RecordingProgress()
+    out = build_routing_dataset(reg, tmp_path / "ds", eval_samples=3, progress=prog)
+    counts = json.loads((out / "metadata.json").read_text())["counts"]
+    used = {n: counts["train"][n] + counts["val"][n] for n in reg.adapter_names}
+    assert used == {"calendar": 2, "claim-window": 2, "provider-select": 7}
+    assert counts["eval"] == {"calendar": 0, "claim-window": 1, "provider-select": 3}
+    # a short eval split is reported, per adapter; a full one is not
+    assert _shortfalls(prog, "--eval-samples") == [("calendar", 0), ("claim-window", 1)]
+    assert ("reading adapter datasets", 3, 3) in prog.tasks  # a progress bar that ends full
+
+
+def test_a_short_train_draw_is_reported(tmp_path):
+    reg = _registry(tmp_path / "proj", {"calendar": 4, "claim-window": 8})
+    prog = RecordingProgress()
+    build_routing_dataset(reg, tmp_path / "ds", train_samples=6, progress=prog)
+    assert _shortfalls(prog, "--train-samples") == [("calendar", 4)]
+
+
+def test_skipped_summary_lists_the_first_ids_and_counts_the_rest(tmp_path):
+    path = make_dataset(tmp_path / "cal", "calendar", 40)
+    recs = _lines(path)
+    for r in recs[:20]:
+        (path.parent / r["image"]).unlink()
+    for r in recs[20:32]:
+        corrupt_file(path.parent / r["image"])
+    _, skipped = read_adapter_dataset(path, adapter="calendar")
+    text = skipped.summary()
+    assert "skipped 32 samples: 20 missing images" in text and "12 corrupt images" in text
+    listed = [r["id"] for r in recs[:20] if r["id"] in text]
+    assert listed == [r["id"] for r in recs[:len(listed)]] and 0 < len(listed) < 20  # the first ones, in order
+    bad = [r["id"] for r in recs[20:32] if r["id"] in text]
+    assert bad == [r["id"] for r in recs[20:20 + len(bad)]] and len(bad) == len(listed)
+    more = [int(n) for n in re.findall(r"\+(\d+)\)", text)]
+    assert more == [20 - len(listed), 12 - len(bad)]  # ... and how many more
+    assert skipped.as_dict() == {"missing": 20, "corrupt": 12, "missing_ids": listed, "corrupt_ids": bad}
+
+    # exactly as many as are listed: every id, no "+0"
+    path2 = make_dataset(tmp_path / "cal2", "calendar", 30)
+    recs2 = _lines(path2)
+    for r in recs2[:len(listed)]:
+        (path2.parent / r["image"]).unlink()
+    _, skipped2 = read_adapter_dataset(path2, adapter="calendar")
+    text2 = skipped2.summary()
+    assert all(r["id"] in text2 for r in recs2[:len(listed)]) and "+" not in text2 and "…" not in text2

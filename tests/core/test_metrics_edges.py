@@ -1,0 +1,42 @@
+"""Calibration error at bin edges, and the confusion plot: written where asked, no figure left open."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlrouter.core.metrics import classification_metrics, expected_calibration_error, plot_confusion
+
+
+def test_ece_counts_a_confidence_on_a_bin_edge_once():
+    # bins=2: [0, 0.5] and (0.5, 1]. Confidence 0.5 belongs to the first bin only, 1.0 to the last.
+    probs = torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.9, 0.1], [1.0, 0.0]], dtype=torch.float64)
+    labels = [0, 0, 0, 1]  # the confident last one is wrong
+    # first bin: accuracy 1, confidence 0.5, weight 1/4; second: accuracy 2/3, confidence 2.8/3, weight 3/4
+    expected = (1 / 4) * 0.5 + (3 / 4) * (2.8 / 3 - 2 / 3)
+    assert expected_calibration_error(probs, labels, bins=2) == pytest.approx(expected, abs=1e-12)
+
+
+def test_ece_first_bin_starts_at_zero():
+    # three classes: a confidence of 0.4 lies in the first bin [0, 0.5]
+    probs = torch.tensor([[0.4, 0.3, 0.3], [0.8, 0.1, 0.1]], dtype=torch.float64)
+    assert expected_calibration_error(probs, [0, 0], bins=2) == pytest.approx(0.5 * 0.6 + 0.5 * 0.2, abs=1e-12)
+
+
+def test_ece_of_a_calibrated_and_of_an_overconfident_router():
+    probs = torch.tensor([[0.75, 0.25]] * 4, dtype=torch.float64)
+    assert expected_calibration_error(probs, [0, 0, 0, 1]) == pytest.approx(0.0, abs=1e-12)  # 75% right at 0.75
+    assert expected_calibration_error(probs, [0, 1, 1, 1]) == pytest.approx(0.5, abs=1e-12)  # 25% right at 0.75
+
+
+def test_confusion_plot_is_written_into_a_new_folder_and_closes_its_figure(tmp_path):
+    import matplotlib.pyplot as plt
+
+    m = classification_metrics([0, 1, 1], [0, 1, 0], ["calendar", "claim-window"])
+    before = set(plt.get_fignums())
+    out = plot_confusion(m, tmp_path / "new" / "folder" / "confusion.png")
+    assert out == tmp_path / "new" / "folder" / "confusion.png"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(plt.get_fignums()) == before  # a long-running eval loop must not pile up figures
+    again = plot_confusion(m, out)  # the folder exists now: overwritten, no error
+    assert again == out and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
