@@ -11,7 +11,9 @@ vlrouter/plugins; operators in ``bench/mutate_ops.py``) in a seeded random order
 when ``--max-minutes`` runs out are a uniform sample -- each against the tests that execute its lines.
 Writes ``bench/results/mutate.json`` and ``mutate.md``: mutants, killed, timeouts, survived (covered, no
 test failed) and not covered, per package and module, and every survivor's file:line and diff.
-``--survivors-of REPORT`` re-runs an earlier report's survivors (after adding tests for them).
+``--survivors-of REPORT`` re-runs an earlier report's survivors (after adding tests for them). A mutant
+shown not to change behaviour goes into ``bench/mutants/equivalent.txt`` with the reason; it is then
+reported as equivalent, not run, and left out of the surviving percentage.
 
 ``known`` (``make mutate-known``): the realistic bugs kept as patches in ``bench/mutants/known/*.patch``
 (a ``# bug:`` line says what it is, a ``# tests:`` line which tests must catch it), each applied and its
@@ -68,6 +70,7 @@ DEFAULT_PATHS = ["vlrouter/core", "vlrouter/plugins"]
 # measured with (its size, its random weights), not a behaviour of the library; it is left out.
 DEFAULT_EXCLUDE = ["vlrouter/core/tiny.py"]
 KNOWN_DIR = ROOT / "bench" / "mutants" / "known"
+EQUIVALENT = ROOT / "bench" / "mutants" / "equivalent.txt"
 RESULTS = ROOT / "bench" / "results"
 CACHE = ROOT / "bench" / ".mutate-cache"
 # What conftest.py sets before anything imports huggingface_hub: set here too, since this process
@@ -316,6 +319,22 @@ def all_mutants(files: list[str]) -> list[Mutant]:
     return out
 
 
+def read_equivalent(path: Path = EQUIVALENT) -> dict[tuple[str, str, str], str]:
+    """Mutants shown not to change behaviour: ``file :: mutated line (stripped) :: replacement :: why``.
+    Keyed by the line's text, not its number, so an entry survives edits elsewhere in the file."""
+    out = {}
+    if path.is_file():
+        for raw in path.read_text().splitlines():
+            if raw.strip() and not raw.startswith("#"):
+                file, line, replacement, why = (part.strip() for part in raw.split(" :: ", 3))
+                out[(file, line, replacement)] = why
+    return out
+
+
+def equivalent_key(m: Mutant, source: str) -> tuple[str, str, str]:
+    return m.file, source.splitlines()[m.line - 1].strip(), m.replacement
+
+
 def campaign_order(args, files: list[str]) -> tuple[list[Mutant], int]:
     """The mutants to run, in a seeded random order (so any prefix is a uniform sample), and how many exist."""
     mutants = all_mutants(files)
@@ -346,6 +365,7 @@ def run_campaign(args) -> int:
         key = fingerprint(tree_files()) + "-" + hashlib.sha256(" ".join(args.tests).encode()).hexdigest()[:6]
         lmap = collect_line_map(trees[0], files, args.tests, key)
         originals = {f: (ROOT / f).read_text() for f in files}
+        equivalent = read_equivalent()
         results: list[Result] = []
         queue = list(mutants)
         free = list(range(args.jobs))
@@ -353,6 +373,10 @@ def run_campaign(args) -> int:
         while queue or running:
             while queue and free and (deadline is None or time.monotonic() < deadline):
                 m = queue.pop(0)
+                why = equivalent.get(equivalent_key(m, originals[m.file]))
+                if why:
+                    results.append(Result(m, "equivalent", diff=m.diff(originals[m.file]), extra={"why": why}))
+                    continue
                 tests, traced, left = select_tests(m, lmap, args.budget)
                 if not tests:
                     results.append(Result(m, "not covered", diff=m.diff(originals[m.file])))
@@ -413,9 +437,9 @@ def build_report(results: list[Result], not_run: list[Mutant], files, generated:
         for row in rows:
             for k, v in row.items():
                 t[k] += v
-        t = {k: t.get(k, 0) for k in ("mutants", "killed", "timeout", "survived", "not covered")}
-        detected = t["killed"] + t["timeout"]
-        t["surviving_pct"] = round(100 * (t["mutants"] - detected) / t["mutants"], 1) if t["mutants"] else 0.0
+        t = {k: t.get(k, 0) for k in ("mutants", "killed", "timeout", "survived", "not covered", "equivalent")}
+        counted = t["mutants"] - t["equivalent"]  # an equivalent mutant is no bug: not in the score
+        t["surviving_pct"] = round(100 * (t["survived"] + t["not covered"]) / counted, 1) if counted else 0.0
         return t
 
     packages = sorted({str(Path(f).parent) for f in files})
@@ -449,13 +473,16 @@ def build_report(results: list[Result], not_run: list[Mutant], files, generated:
                       for r in sorted(survivors, key=lambda r: (r.mutant.file, r.mutant.line))],
         "timeouts": [{"file": r.mutant.file, "line": r.mutant.line, "diff": r.diff}
                      for r in results if r.status == "timeout"],
+        "equivalent": [{"file": r.mutant.file, "line": r.mutant.line, "why": r.extra["why"], "diff": r.diff}
+                       for r in results if r.status == "equivalent"],
     }
 
 
 def summary_line(report: dict) -> str:
     t = report["totals"]
     return (f"{t['mutants']} mutants: {t['killed']} killed, {t['timeout']} timeouts, {t['survived']} survived, "
-            f"{t['not covered']} not covered ({t['surviving_pct']}% surviving) in {report['seconds'] / 60:.1f} min")
+            f"{t['not covered']} not covered, {t['equivalent']} equivalent ({t['surviving_pct']}% surviving) in "
+            f"{report['seconds'] / 60:.1f} min")
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -472,17 +499,20 @@ def write_report(report: dict, out: Path) -> None:
         md.append(f"{done} of {gen} mutants, the first ones of a random order (seed {report['seed']}): a uniform "
                   "sample" + (f"; {report['mutants_not_run']} not run when the time ran out." if
                               report["mutants_not_run"] else "."))
-    md += ["", "| where | mutants | killed | timeouts | survived | not covered | surviving % |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+    md += ["", "| where | mutants | killed | timeouts | survived | not covered | equivalent | surviving % |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
     rows = [("**" + p + "**", t) for p, t in report["per_package"].items()] + list(report["per_module"].items())
     for name, t in rows:
         md.append(f"| {name} | {t['mutants']} | {t['killed']} | {t['timeout']} | {t['survived']} | {t['not covered']} "
-                  f"| {t['surviving_pct']} |")
+                  f"| {t['equivalent']} | {t['surviving_pct']} |")
     md += ["", "## Survivors", ""]
     for s in report["survivors"]:
         md += [f"- `{s['file']}:{s['line']}` {s['operator']} ({s['status']}; {s['tests']} tests run"
                + (f", {s['tests_left_out']} left out by the budget" if s["tests_left_out"] else "") + ")",
                "", "```diff", s["diff"].rstrip(), "```", ""]
+    if report["equivalent"]:
+        md += ["## Equivalent (bench/mutants/equivalent.txt)", ""]
+        md += [f"- `{e['file']}:{e['line']}`: {e['why']}" for e in report["equivalent"]]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
 
 

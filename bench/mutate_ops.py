@@ -10,7 +10,8 @@ is one line. Operators:
 * ``boolop``     ``and``↔``or``
 * ``not``        ``not x`` → ``x``; ``-x`` → ``x``
 * ``negate``     ``if x:`` → ``if not (x):`` (conditions that are not comparisons already)
-* ``const``      ``True``↔``False``; ``0``→``1``, ``1``→``0``, other ints ``n``→``n+1``; floats ``x``→``x+1``
+* ``const``      ``True``↔``False``; ``0``→``1``, ``1``→``0``, other ints ``n``→``n+1``; floats ``0.0``→``1.0``,
+                 ``x``→``2x`` when ``|x| >= 1``, else ``x``→``x+1``
 * ``return``     ``return x`` → ``return None``
 * ``drop-call``  a call statement → ``pass``
 * ``swap-args``  the first two positional (or keyword) arguments of a call swapped, both plain names
@@ -20,7 +21,8 @@ is one line. Operators:
 Not mutated: strings (docstrings, messages), f-strings, type annotations, ``if TYPE_CHECKING:`` blocks,
 ``raise`` statements (error messages), logging/progress/warning calls, ``located(...)`` messages,
 ``__repr__``, ``__all__``, presentation only (matplotlib drawing calls such as ``set_xlabel``, keyword
-arguments such as ``dpi=`` or ``rotation=``, the decimals of ``round()``), and any line carrying
+arguments such as ``dpi=`` or ``rotation=``, the decimals of ``round()``), the length a hash is cut to
+(``hexdigest()[:16]``), and any line carrying
 ``# pragma: no mutate`` (on a ``def``/``class`` line: all of it; say why in the comment). A mutant whose
 source parses to the same AST as the original is dropped.
 """
@@ -103,6 +105,9 @@ def _skipped(tree: ast.Module) -> set[int]:
             drop(node)
         elif isinstance(node, ast.Call) and _call_name(node) == "round" and len(node.args) == 2:
             drop(node.args[1])  # the number of decimals shown
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Call) \
+                and _call_name(node.value) in ("hexdigest", "hex"):
+            drop(node.slice)  # how many hex digits an identifier keeps: any fixed length identifies alike
         elif _never_mutated(node):
             drop(node)
     return skip
@@ -158,7 +163,7 @@ def _expr_mutations(node: ast.AST, parents: dict) -> Iterator[tuple[str, ast.AST
         elif isinstance(v, int):
             new_v = 1 if v == 0 else 0 if v == 1 else v + 1
         elif isinstance(v, float):
-            new_v = v + 1.0
+            new_v = 1.0 if v == 0 else v * 2 if abs(v) >= 1 else v + 1.0  # 1e3 -> 2e3, not 1001
         else:
             return
         parent = parents.get(node)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from vlrouter.core.encoder import model_fingerprint
+from vlrouter.core.encoder import model_fingerprint, processor_fingerprint
 
 
 def test_replacing_a_local_models_weights_changes_its_fingerprint(tmp_path, tiny_model_dir):
@@ -31,3 +31,20 @@ def test_a_hub_models_fingerprint_names_its_revision():
     assert model_fingerprint("Qwen/Qwen3-VL-8B-Instruct") == model_fingerprint("Qwen/Qwen3-VL-8B-Instruct", "main")
     assert model_fingerprint("Qwen/Qwen3-VL-8B-Instruct") != model_fingerprint("Qwen/Qwen3-VL-8B-Instruct", "abc123")
     assert model_fingerprint("Qwen/Qwen3-VL-8B-Instruct") != model_fingerprint("Qwen/Qwen3-VL-2B-Instruct")
+
+
+def test_the_processor_fingerprint_follows_what_the_model_sees(tiny_encoder):
+    import copy
+
+    proc = tiny_encoder.processor
+    fp = processor_fingerprint(proc)
+    assert isinstance(fp, str) and len(fp) >= 8 and processor_fingerprint(copy.deepcopy(proc)) == fp
+    smaller = copy.deepcopy(proc)
+    smaller.image_processor.size = {**dict(proc.image_processor.size), "longest_edge": 128 * 128}
+    assert processor_fingerprint(smaller) != fp  # another pixel budget: other features
+    patches = copy.deepcopy(proc)
+    patches.image_processor.patch_size = proc.image_processor.patch_size * 2
+    assert processor_fingerprint(patches) != fp
+    templated = copy.deepcopy(proc)
+    templated.chat_template = (proc.chat_template or "") + "{# changed #}"
+    assert processor_fingerprint(templated) != fp  # another prompt format: other features

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlrouter.core.metrics import classification_metrics, expected_calibration_error, plot_confusion
+from vlrouter.core.metrics import (
+    calibrate_temperature,
+    classification_metrics,
+    expected_calibration_error,
+    plot_confusion,
+)
 
 
 def test_ece_counts_a_confidence_on_a_bin_edge_once():
@@ -40,3 +45,20 @@ def test_confusion_plot_is_written_into_a_new_folder_and_closes_its_figure(tmp_p
     assert set(plt.get_fignums()) == before  # a long-running eval loop must not pile up figures
     again = plot_confusion(m, out)  # the folder exists now: overwritten, no error
     assert again == out and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_temperature_is_the_nll_minimum_to_a_fraction_of_a_percent():
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 4, (400,), generator=g)
+    logits = torch.randn(400, 4, generator=g, dtype=torch.float64)
+    logits[torch.arange(400), y] += 1.5
+    logits *= 3.7
+
+    def nll(t: float) -> float:
+        return float(torch.nn.functional.cross_entropy(logits / t, y))
+
+    t = calibrate_temperature(logits, y)
+    # a dense scan around the answer finds nothing better by more than rounding
+    scan = [t * (1 + k / 2000) for k in range(-200, 201)]
+    assert nll(t) <= min(nll(s) for s in scan) + 1e-9
+    assert min(scan, key=nll) == pytest.approx(t, rel=2e-3)

@@ -36,7 +36,7 @@ def test_promoting_a_version_whose_name_sorts_first_keeps_it_live(tmp_path):
     assert _live_tag(live) == KEEP_VERSIONS + 1
     # The clock was set back: the newest version's name sorts before every other one.
     newest = _write(vd / "20250101-000000-ffffff", 99)
-    promote(newest, live)
+    assert promote(newest, live) == live
     assert os.path.realpath(live) == os.path.realpath(newest)
     assert _live_tag(live) == 99  # the live router still loads: it was not pruned
     kept = sorted(p.name for p in vd.iterdir() if p.is_dir())
@@ -54,3 +54,14 @@ def test_rolling_back_to_the_oldest_kept_version_keeps_it(tmp_path):
     promote(oldest, live)  # roll back: now more than KEEP_VERSIONS folders, and the live one sorts first
     assert _live_tag(live) == 1
     assert oldest.is_dir() and newer.is_dir()
+
+
+def test_a_router_folder_from_elsewhere_is_copied_in_and_left_as_it_was(tmp_path):
+    live = tmp_path / "runs" / "router"
+    promote(_write(versions_dir(live) / "20260101-000001-aaaaaa", 1), live)
+    outside = _write(tmp_path / "downloaded-router", 7)
+    before = {p.name: p.read_bytes() for p in outside.iterdir()}
+    assert promote(outside, live) == live
+    assert _live_tag(live) == 7
+    assert os.path.realpath(live).startswith(os.path.realpath(versions_dir(live)))  # a copy, among the versions
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == before

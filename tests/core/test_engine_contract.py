@@ -1,10 +1,13 @@
-"""The engine pools as its router was trained: router.json's pooling and layer, not the defaults.
+"""What an Engine promises beyond routing right: it pools as its router was trained (router.json's pooling
+and layer, not the defaults), and its timings add up.
 
 A router trained on last-token features of the second-to-last layer must route on exactly those features;
 pooling the mean (the default) or the last layer gives other features, other probabilities.
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -49,3 +52,23 @@ def test_other_poolings_would_give_other_features_and_probabilities(engine, tiny
         assert not torch.allclose(engine.embed([image], [prompt]), other, rtol=1e-3, atol=1e-3)
         probs = torch.softmax(head_logits(engine.head, other)[0] / engine.meta.temperature, -1)
         assert max(abs(route.probs[n] - p) for n, p in zip(NAMES, probs.tolist())) > 1e-4
+
+
+def _check_timings(t: dict, wall_ms: float) -> None:
+    assert t["vision_calls"] == 1
+    assert t["route_ms"] > 0 and t["generate_ms"] > 0
+    assert t["route_ms"] + t["generate_ms"] <= t["total_ms"] <= wall_ms  # parts within the whole, in ms
+    assert t["route_ms"] >= 0.05 * t["total_ms"]  # routing (image, processor, a forward) is no rounding error
+
+
+def test_act_and_act_batch_timings_are_milliseconds_that_add_up(engine):
+    (image, prompt, _), (image2, prompt2, _) = H.samples(NAMES)[0], H.samples(NAMES)[2]
+    t0 = time.perf_counter()
+    action = engine.act(image, prompt, max_new_tokens=4)
+    _check_timings(action.timings, (time.perf_counter() - t0) * 1e3)
+    t0 = time.perf_counter()
+    actions = engine.act_batch([(image, prompt), (image2, prompt2)], max_new_tokens=4)
+    wall = (time.perf_counter() - t0) * 1e3
+    for a in actions:
+        _check_timings(a.timings, wall)
+        assert a.timings["batch_size"] == 2
