@@ -268,8 +268,10 @@ def collect_line_map(tree: Path, targets: list[str], test_args: list[str], cache
     return data
 
 
-def select_tests(mutant: Mutant, lmap: dict, budget: float | None) -> tuple[list[str], float, int]:
-    """The tests that run the mutant's lines, fastest first: ``(node ids, traced seconds, left out)``."""
+def select_tests(mutant: Mutant, lmap: dict, budget: float | None,
+                 killers: dict[int, int] | None = None) -> tuple[list[str], float, int]:
+    """The tests that run the mutant's lines: ``(node ids, traced seconds, left out)``. Tests that already
+    killed mutants of the same module in this run go first (most kills first), then the fastest."""
     lines = lmap["lines"].get(mutant.file, {})
     idx: set[int] = set()
     for line in range(mutant.line, mutant.end_line + 1):
@@ -277,7 +279,8 @@ def select_tests(mutant: Mutant, lmap: dict, budget: float | None) -> tuple[list
     if idx == {-1}:  # run at import only (a constant, a default, a decorator): every test that runs this module
         idx = {i for v in lines.values() for i in v}
     idx.discard(-1)
-    order = sorted(idx, key=lambda i: lmap["durations"][i])
+    killers = killers or {}
+    order = sorted(idx, key=lambda i: (-killers.get(i, 0), lmap["durations"][i]))
     chosen, total = [], 0.0
     for i in order:
         d = lmap["durations"][i]
@@ -366,6 +369,8 @@ def run_campaign(args) -> int:
         lmap = collect_line_map(trees[0], files, args.tests, key)
         originals = {f: (ROOT / f).read_text() for f in files}
         equivalent = read_equivalent()
+        index = {t: i for i, t in enumerate(lmap["tests"])}
+        killers: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))  # file -> test -> kills
         results: list[Result] = []
         queue = list(mutants)
         free = list(range(args.jobs))
@@ -377,7 +382,7 @@ def run_campaign(args) -> int:
                 if why:
                     results.append(Result(m, "equivalent", diff=m.diff(originals[m.file]), extra={"why": why}))
                     continue
-                tests, traced, left = select_tests(m, lmap, args.budget)
+                tests, traced, left = select_tests(m, lmap, args.budget, killers[m.file])
                 if not tests:
                     results.append(Result(m, "not covered", diff=m.diff(originals[m.file])))
                     continue
@@ -404,7 +409,11 @@ def run_campaign(args) -> int:
                 write_source(trees[j] / m.file, originals[m.file])
                 free.append(j)
                 del running[pid]
-                results.append(Result(m, verdict, round(elapsed, 2), n_tests, left, m.diff(originals[m.file])))
+                killed_by = (_failing_tests(tmp / f"job{j}.log") or [""])[0] if verdict == "killed" else ""
+                if killed_by in index:
+                    killers[m.file][index[killed_by]] += 1
+                results.append(Result(m, verdict, round(elapsed, 2), n_tests, left, m.diff(originals[m.file]),
+                                      extra={"killed_by": killed_by} if killed_by else {}))
                 ran = sum(r.status != "not covered" for r in results)
                 rate = ran / max(time.monotonic() - t_run, 1e-9) * 60
                 print(f"[{len(results)}/{len(mutants)}] {verdict:8s} {m.file}:{m.line} {m.operator:9s} "
