@@ -78,3 +78,28 @@ def test_skipped_summary_lists_the_first_ids_and_counts_the_rest(tmp_path):
     _, skipped2 = read_adapter_dataset(path2, adapter="calendar")
     text2 = skipped2.summary()
     assert all(r["id"] in text2 for r in recs2[:len(listed)]) and "+" not in text2 and "…" not in text2
+
+
+def test_one_missing_image_is_reported_when_building(tmp_path):
+    reg = _registry(tmp_path / "proj", {"calendar": 6, "claim-window": 6})
+    rec = _lines(reg.resolve("data/calendar/train.jsonl"))[2]
+    reg.resolve("data/calendar/" + rec["image"]).unlink()
+    prog = RecordingProgress()
+    out = build_routing_dataset(reg, tmp_path / "ds", progress=prog)
+    assert [m for m in prog.messages if "skipped 1 sample" in m and rec["id"] in m]
+    meta = json.loads((out / "metadata.json").read_text())
+    assert [s["skipped"]["missing"] for s in meta["sources"]] == [1, 0]
+
+
+def test_defaults_seed_0_no_eval_split_and_a_content_fingerprint(tmp_path):
+    from vlrouter.core.data import load_routing_dataset
+
+    reg = _registry(tmp_path / "proj", {"calendar": 8, "claim-window": 8})
+    default = build_routing_dataset(reg, tmp_path / "a")
+    seed0 = build_routing_dataset(reg, tmp_path / "b", seed=0, eval_samples=0)
+    assert sorted(p.name for p in default.iterdir()) == ["metadata.json", "train.jsonl", "val.jsonl"]
+    for split in ("train", "val"):
+        assert (default / f"{split}.jsonl").read_bytes() == (seed0 / f"{split}.jsonl").read_bytes()
+    other = build_routing_dataset(reg, tmp_path / "c", seed=5)
+    fp = {name: load_routing_dataset(d).fingerprint() for name, d in (("a", default), ("b", seed0), ("c", other))}
+    assert fp["a"] == fp["b"] != fp["c"]  # same samples and split: same fingerprint; others: another

@@ -13,9 +13,13 @@ import pytest
 import torch
 
 from tests import engine_helpers as H
+from vlrouter import hookimpl
+from vlrouter.core.actions import UIAction
 from vlrouter.core.encoder import Encoder
 from vlrouter.core.engine import Engine
+from vlrouter.core.errors import InputError
 from vlrouter.core.head import head_logits
+from vlrouter.plugins.manager import get_plugin_manager
 
 NAMES = ["calendar", "claim-window"]
 POOLING, LAYER = "last", -2  # not the defaults (mean, -1)
@@ -73,3 +77,25 @@ def test_act_and_act_batch_timings_are_milliseconds_that_add_up(engine):
     for a in actions:
         _check_timings(a.timings, wall)
         assert a.timings["batch_size"] == 2
+
+
+class EchoParser:
+    """Every text parses to echo(adapter=.., chars=..): shows which adapter and text reached the parser."""
+
+    @hookimpl
+    def parse_action(self, adapter, text):
+        return UIAction(name="echo", args={"adapter": adapter, "chars": len(text)})
+
+
+def test_act_batch_parses_each_text_with_the_adapter_that_generated_it(engine):
+    echo = Engine(engine.model, engine.processor, engine.head, engine.meta,
+                  plugin_manager=get_plugin_manager(extra_plugins=(EchoParser(),)))
+    items = [(img, prompt) for img, prompt, _ in H.samples(NAMES)]
+    for a in echo.act_batch(items, max_new_tokens=4) + [echo.act(*items[0], max_new_tokens=4)]:
+        assert a.action == UIAction(name="echo", args={"adapter": a.adapter, "chars": len(a.text)})
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_a_router_json_temperature_that_is_not_positive_is_refused(engine, temperature):
+    with pytest.raises(InputError, match="temperature"):
+        Engine(engine.model, engine.processor, engine.head, engine.meta.model_copy(update={"temperature": temperature}))

@@ -44,3 +44,10 @@ def test_a_pil_image_one_pixel_too_long_is_refused(size):
 def test_an_empty_image_is_refused(size):
     with pytest.raises(ImageError, match="empty size"):
         open_image(Image.new("RGB", size))
+
+
+def test_the_refusal_names_the_size_width_first():
+    with pytest.raises(ImageError, match="16385x2 pixels"):
+        open_image(Image.new("L", (16_385, 2)))
+    with pytest.raises(ImageError, match="2x16385 pixels"):
+        open_image(_png_claiming(2, 16_385))

@@ -62,3 +62,17 @@ def test_temperature_is_the_nll_minimum_to_a_fraction_of_a_percent():
     scan = [t * (1 + k / 2000) for k in range(-200, 201)]
     assert nll(t) <= min(nll(s) for s in scan) + 1e-9
     assert min(scan, key=nll) == pytest.approx(t, rel=2e-3)
+
+
+def test_evaluate_without_a_temperature_reports_the_raw_calibration():
+    from vlrouter.core.head import HeadShape, build_head
+    from vlrouter.core.metrics import evaluate
+
+    torch.manual_seed(0)
+    head = build_head(HeadShape(in_dim=4, num_labels=3))
+    x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    m = evaluate(head, x, y, class_names=["a", "b", "c"])
+    assert m["temperature"] == 1.0
+    assert m["nll_calibrated"] == pytest.approx(m["nll"]) and m["ece_calibrated"] == pytest.approx(m["ece"])
+    hot = evaluate(head, x, y, class_names=["a", "b", "c"], temperature=3.0)
+    assert hot["nll"] == pytest.approx(m["nll"]) and hot["nll_calibrated"] != pytest.approx(m["nll"])
