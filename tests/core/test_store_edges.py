@@ -43,3 +43,10 @@ def test_a_live_router_that_does_not_fit_the_features_does_not_block_promotion(t
     d = promote_with_gate(cand, live, val_feats=torch.randn(4, 8), val_labels=[0, 1, 0, 1])
     assert d.promoted and d.live_val_acc is None and "does not fit" in d.message
     assert read_meta(live).hidden_size == 8
+
+
+def test_without_validation_features_the_gate_promotes_and_says_why(tmp_path):
+    live = tmp_path / "router"
+    promote(_router(tmp_path / "old", 4, 1.0), live)
+    d = promote_with_gate(_router(tmp_path / "new", 4, 0.5), live)
+    assert d.promoted and d.live_val_acc is None and "no validation features" in d.message
