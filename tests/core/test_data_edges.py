@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import corrupt_file, make_dataset, registry_text
 from vlrouter.core.data import build_routing_dataset, read_adapter_dataset
 from vlrouter.core.progress import RecordingProgress
@@ -103,3 +105,40 @@ def test_defaults_seed_0_no_eval_split_and_a_content_fingerprint(tmp_path):
     other = build_routing_dataset(reg, tmp_path / "c", seed=5)
     fp = {name: load_routing_dataset(d).fingerprint() for name, d in (("a", default), ("b", seed0), ("c", other))}
     assert fp["a"] == fp["b"] != fp["c"]  # same samples and split: same fingerprint; others: another
+
+
+def test_verify_image_refuses_absurd_sizes_from_the_header_and_accepts_one_pixel(tmp_path):
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from vlrouter.core.data import verify_image
+
+    def png(w: int, h: int) -> Path:
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+        p = tmp_path / f"{w}x{h}.png"
+        ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+        p.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 8))
+                      + chunk(b"IEND", b""))
+        return p
+
+    for w, h in ((16_385, 1), (1, 16_385), (5213, 12_277)):  # a side over 16384 px; 64,000,001 px
+        assert "over the limit" in (verify_image(png(w, h)) or "")
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    assert verify_image(tmp_path / "dot.png") is None
+
+
+@pytest.mark.parametrize("names", [["calendar", 3], "calendar,claim-window", ["calendar"]])
+def test_routing_metadata_with_bad_class_names_is_refused(tmp_path, names):
+    from vlrouter.core.data import load_routing_dataset
+    from vlrouter.core.errors import DatasetError
+
+    reg = _registry(tmp_path / "proj", {"calendar": 4, "claim-window": 4})
+    out = build_routing_dataset(reg, tmp_path / "ds")
+    meta = json.loads((out / "metadata.json").read_text())
+    (out / "metadata.json").write_text(json.dumps({**meta, "class_names": names}))
+    with pytest.raises(DatasetError, match="class_names"):
+        load_routing_dataset(out)

@@ -76,3 +76,11 @@ def test_evaluate_without_a_temperature_reports_the_raw_calibration():
     assert m["nll_calibrated"] == pytest.approx(m["nll"]) and m["ece_calibrated"] == pytest.approx(m["ece"])
     hot = evaluate(head, x, y, class_names=["a", "b", "c"], temperature=3.0)
     assert hot["nll"] == pytest.approx(m["nll"]) and hot["nll_calibrated"] != pytest.approx(m["nll"])
+
+
+def test_a_perfectly_separated_val_split_gets_the_lowest_temperature_not_zero():
+    # the NLL keeps falling as T -> 0; calibration stops at its lower bound, 0.05, and at 20 above
+    logits = torch.tensor([[1.0, -1.0], [-1.0, 1.0]] * 5)
+    assert 0.05 <= calibrate_temperature(logits, [0, 1] * 5) <= 0.055
+    flat = torch.tensor([[0.1, -0.1], [0.1, -0.1]] * 5)  # coin flips that look a little sure: T grows, to the cap
+    assert 19.0 <= calibrate_temperature(flat, [0, 1] * 5) <= 20.0

@@ -40,3 +40,9 @@ def test_a_head_without_bias_imports_with_zero_bias(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(head(x), lin(x))
     assert meta.adapters == ADAPTERS and meta.pooling == "last"
+
+
+def test_the_output_folder_may_be_nested_in_folders_that_do_not_exist_yet(tmp_path):
+    out = import_seed_head(_save(tmp_path / "h.pt", torch.nn.Linear(8, 3).state_dict()),
+                           tmp_path / "runs" / "imported" / "router", pooling="mean")
+    assert load_router(out)[1].adapters == ADAPTERS
