@@ -46,3 +46,10 @@ def test_the_output_folder_may_be_nested_in_folders_that_do_not_exist_yet(tmp_pa
     out = import_seed_head(_save(tmp_path / "h.pt", torch.nn.Linear(8, 3).state_dict()),
                            tmp_path / "runs" / "imported" / "router", pooling="mean")
     assert load_router(out)[1].adapters == ADAPTERS
+
+
+@pytest.mark.parametrize(("obj", "shown"), [({"step": 3, "lr": 0.1}, "keys ['lr', 'step']"), ([1, 2], "list")])
+def test_something_else_than_a_seed_checkpoint_says_what_it_is(tmp_path, obj, shown):
+    torch.save(obj, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match=rf"not a seed router checkpoint \({shown}".replace("[", r"\[")):
+        import_seed_head(tmp_path / "x.pt", tmp_path / "out", pooling="mean")

@@ -50,3 +50,10 @@ def test_without_validation_features_the_gate_promotes_and_says_why(tmp_path):
     promote(_router(tmp_path / "old", 4, 1.0), live)
     d = promote_with_gate(_router(tmp_path / "new", 4, 0.5), live)
     assert d.promoted and d.live_val_acc is None and "no validation features" in d.message
+
+
+def test_router_json_defaults_for_what_a_writer_left_out():
+    meta = RouterMeta(adapters=["a", "b"], base_model=BASE, pooling="mean", layer=-1, hidden_size=4,
+                      head=HeadShape(in_dim=4, num_labels=2))
+    assert (meta.temperature, meta.embedded_new, meta.reused_cached, meta.metrics) == (1.0, 0, 0, {})
+    assert meta.best_loss is None and meta.best_acc is None and meta.created_at
