@@ -107,7 +107,7 @@ def test_defaults_seed_0_no_eval_split_and_a_content_fingerprint(tmp_path):
     assert fp["a"] == fp["b"] != fp["c"]  # same samples and split: same fingerprint; others: another
 
 
-def test_verify_image_refuses_absurd_sizes_from_the_header_and_accepts_one_pixel(tmp_path):
+def test_verify_image_refuses_absurd_sizes_from_the_header_and_accepts_the_limits(tmp_path):
     import struct
     import zlib
 
@@ -127,6 +127,8 @@ def test_verify_image_refuses_absurd_sizes_from_the_header_and_accepts_one_pixel
 
     for w, h in ((16_385, 1), (1, 16_385), (5213, 12_277)):  # a side over 16384 px; 64,000,001 px
         assert "over the limit" in (verify_image(png(w, h)) or "")
+    for w, h in ((16_384, 1), (1, 16_384), (8000, 8000)):  # exactly at the limits: fine (header and CRCs)
+        assert verify_image(png(w, h)) is None
     Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
     assert verify_image(tmp_path / "dot.png") is None
 
