@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test bench clean
+.PHONY: install browser demo test bench mutate mutate-known clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ test: $(STAMP) browser
 
 bench: $(STAMP)
 	bash bench/run
+
+# Mutation testing (not part of `make test` or CI): see README "Development".
+mutate: $(STAMP)
+	$(PY) bench/mutate.py run $(MUTATE_ARGS)
+
+mutate-known: $(STAMP)
+	$(PY) bench/mutate.py known --runs 3
 
 clean:
 	rm -rf $(VENV) demo-run

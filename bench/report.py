@@ -4,7 +4,7 @@
     python bench/report.py                  # print both blocks from bench/results/*.json
     python bench/report.py --update-readme  # also replace them in README.md (between their markers)
 
-Two blocks: the CPU benchmarks (``train.json``, ``engine.json``) and the real-size GPU
+Two blocks: the CPU benchmarks (``quality.json``, ``train.json``, ``engine.json``, ``serve.json``) and the real-size GPU
 figures (``gpu-<size>.json``; until a GPU run has happened, a line that says so and gives
 the command). ``tests/test_readme_bench.py`` renders the committed results the same way
 and checks that README.md shows exactly those blocks, so tables and commands cannot drift.
@@ -39,7 +39,13 @@ def block(results_dir: Path = RESULTS) -> str:
     train = json.loads((results_dir / "train.json").read_text())
     engine = json.loads((results_dir / "engine.json").read_text())
     serve = json.loads((results_dir / "serve.json").read_text())
+    quality = json.loads((results_dir / "quality.json").read_text())
     return "\n".join([
+        "### Routing quality: the seed's head vs the default, every candidate, OOD, early exit "
+        "(bench/bench_quality.py)",
+        "",
+        _module("bench_quality").render(quality),
+        "",
         "### Training: cold retrain vs add-adapter, head training, embedding (bench/bench_train.py)",
         "",
         _module("bench_train").render(train),

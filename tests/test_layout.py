@@ -106,3 +106,12 @@ def test_every_module_names_its_one_job_in_its_first_docstring_line(mod):
     assert doc and doc.splitlines()[0].strip(), f"{path}: no first docstring line"
     if mod.startswith("vlrouter.core"):
         assert len(path.read_text().splitlines()) <= 600, f"{path} is over 600 lines"
+
+
+def test_readme_layout_names_every_core_module():
+    """README's layout tree lists every module of core/ (a new room is documented where newcomers look)."""
+    readme = (PKG.parent / "README.md").read_text()
+    tree = readme[readme.index("## Layout"):readme.index("\n## ", readme.index("## Layout") + 3)]
+    missing = [p.name for p in sorted((PKG / "core").glob("*.py"))
+               if p.name != "__init__.py" and f"    {p.name} " not in tree]
+    assert missing == [], f"add them to README's Layout: {missing}"

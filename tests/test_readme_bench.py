@@ -41,4 +41,4 @@ def test_readme_names_the_one_benchmark_command():
     run = (ROOT / "bench" / "run").read_text()
     assert "bash bench/run" in readme and "make bench" in readme
     assert "bench/bench_train.py" in run and "bench/bench_engine.py" in run and "bench/report.py" in run
-    assert "bench/bench_serve.py" in run
+    assert "bench/bench_serve.py" in run and "bench/bench_quality.py" in run

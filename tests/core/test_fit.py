@@ -62,7 +62,7 @@ def test_imbalanced_classes_get_inverse_frequency_weights():
 
 
 def test_lbfgs_head_converges_to_the_regularised_optimum_and_is_deterministic():
-    from vlrouter.core.errors import TrainingError
+    from vlrouter.core.fit import L2_GRID, choose_l2
 
     x, y = _blobs(spread=4.0)
     vx, vy = _blobs(n_per_class=(6, 6, 6), seed=3, spread=4.0)
@@ -80,5 +80,7 @@ def test_lbfgs_head_converges_to_the_regularised_optimum_and_is_deterministic():
     loss.backward()
     assert float(w.grad.abs().max()) < 1e-4 and float(bias.grad.abs().max()) < 1e-4
     assert torch.equal(a[0].mean, x.mean(0))  # standardized with the TRAINING features' statistics
-    with pytest.raises(TrainingError, match="train.l2"):
-        train_head(x, y, vx, vy, opts, num_labels=3)  # l2 auto must be resolved (by CV) first
+    # l2 auto, nobody chose it: cross-validation on the training features picks it from the grid
+    chosen, scores = choose_l2(x, y, num_labels=3, folds=opts.cv_folds, seed=0)
+    _, auto = train_head(x, y, vx, vy, opts, num_labels=3)
+    assert auto["l2"] == chosen and chosen in L2_GRID and [s["l2"] for s in scores] == list(L2_GRID)

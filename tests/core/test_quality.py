@@ -137,8 +137,9 @@ def test_changing_pooling_or_layer_between_retrains_embeds_nothing_new(project):
     ("  pooling: []", ["registry.yaml:4", "router.pooling", "the view list is empty", "fix:"]),
     ("  pooling: auto\n  layer: 999", ["registry.yaml:5", "router.layer", "999 is out of range for a model with 2 "
                                        "layers", "fix: use 1..2"]),
+    ("  pooling: auto\n  layer: top", ["registry.yaml:5", "router.layer", "auto or a hidden-state index", "fix:"]),
     ("  pooling: auto\n  ood: maybe", ["registry.yaml:5", "router.ood", "'auto' or 'off'", "fix:"]),
-], ids=["unknown-view", "empty-view-list", "layer-999", "ood-maybe"])
+], ids=["unknown-view", "empty-view-list", "layer-999", "layer-not-a-number", "ood-maybe"])
 def test_bad_representation_settings_are_one_located_error_and_change_nothing(project, edit, expected):
     path = project / "registry.yaml"
     path.write_text(path.read_text().replace("  pooling: auto", edit))

@@ -11,6 +11,7 @@ anyone who passes the seed's ``--lr/--batch-size/--patience``.
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,25 @@ from vlrouter.core.registry import TrainSection
 
 if TYPE_CHECKING:
     import torch
+
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # the L2 strengths cross-validation chooses from (train.l2: auto)
+MINIBATCH_SETTINGS = ("lr", "batch_size", "patience", "eval_every")  # AdamW's knobs: naming one picks adamw
+
+
+def resolve_solver(head: str, solver: str, given) -> tuple[str, str]:
+    """``train.solver: auto`` resolved, with the reason: lbfgs for the linear head, unless one of
+    :data:`MINIBATCH_SETTINGS` is among the ``given`` setting names (then adamw, as in the seed)."""
+    if solver != "auto":
+        return solver, f"train.solver: {solver}"
+    if head == "mlp":
+        return "adamw", "the mlp head trains with AdamW"
+    named = [k for k in MINIBATCH_SETTINGS if k in given]
+    if named:
+        flags = ", ".join("--" + k.replace("_", "-") for k in named)
+        return "adamw", f"{flags} given (AdamW's settings, as in the seed)"
+    return "lbfgs", "default: L-BFGS on the L2-regularised logistic loss (converges; l2 by cross-validation)"
+
+
 
 
 @contextmanager
@@ -273,17 +293,15 @@ def train_head(train_feats: torch.Tensor, train_labels, val_feats: torch.Tensor,
     x, y = train_feats.float(), as_labels(train_labels)
     vx, vy = val_feats.float(), as_labels(val_labels)
     k, _names, weights = _check_inputs(x, y, vx, vy, num_labels, class_names)
-    solver = getattr(options, "solver", "adamw")
-    if solver == "auto":
-        solver = "lbfgs" if options.head == "linear" else "adamw"
+    solver, _ = resolve_solver(options.head, getattr(options, "solver", "auto"), options.model_fields_set)
     if solver == "lbfgs":
         if options.head != "linear":
             raise TrainingError(located(None, "train.solver", "lbfgs fits the linear head only",
                                         fix="use train.solver: adamw with train.head: mlp"))
         strength = l2 if l2 is not None else options.l2
-        if not isinstance(strength, (int, float)):
-            raise TrainingError(located(None, "train.l2", f"the lbfgs head needs a number, got {strength!r}",
-                                        fix="resolve l2 by cross-validation first (core.selection.choose)"))
+        if strength == "auto":  # nobody chose it yet (core.selection.choose does, over the representations too)
+            strength, _ = choose_l2(x, y, num_labels=k, folds=options.cv_folds, seed=options.seed, weights=weights,
+                                    progress=prog)
         return _train_lbfgs(x, y, vx, vy, options, float(strength), k, weights, prog)
     bs = options.batch_size
     steps_per_epoch = math.ceil(x.shape[0] / bs)
@@ -314,3 +332,61 @@ def train_head(train_feats: torch.Tensor, train_labels, val_feats: torch.Tensor,
     prog.log(f"head: best val loss {run.best_loss:.4f}, val acc {run.best_acc:.3f} at step {run.best_step} of "
              f"{run.step}" + (" (early stop)" if stopped_early else ""))
     return run.head, stats
+
+
+def stratified_folds(labels, k: int, seed: int) -> list[list[int]]:
+    """``k`` disjoint index lists, each class spread evenly over them (seeded shuffle within each class)."""
+    y = as_labels(labels).tolist()
+    folds: list[list[int]] = [[] for _ in range(k)]
+    rng = random.Random(f"vlrouter:cv:{seed}")
+    offset = 0
+    for c in sorted(set(y)):
+        idx = [i for i, v in enumerate(y) if v == c]
+        rng.shuffle(idx)
+        for j, i in enumerate(idx):
+            folds[(offset + j) % k].append(i)
+        offset += len(idx)
+    return [sorted(f) for f in folds if f]
+
+
+def cv_score(x: torch.Tensor, labels, folds: list[list[int]], *, num_labels: int, l2: float,
+             weights: torch.Tensor | None = None) -> tuple[float, float, torch.Tensor]:
+    """Held-out accuracy and log-loss of :func:`fit_logistic` over ``folds`` (standardized per fold), and the
+    out-of-fold logits ``[N, C]`` (every sample scored by the model that did not see it)."""
+    import torch
+    from torch import nn
+
+    y = as_labels(labels)
+    oof = torch.zeros(len(y), num_labels)
+    everything = set(range(len(y)))
+    for held in folds:
+        tr = torch.tensor(sorted(everything - set(held)))
+        te = torch.tensor(held)
+        mean, std = standardize_stats(x[tr])
+        w, b, _ = fit_logistic((x[tr] - mean) / std, y[tr], num_labels=num_labels, l2=l2, weights=weights)
+        oof[te] = ((x[te] - mean) / std) @ w.T + b
+    scored = torch.tensor(sorted(i for f in folds for i in f))
+    acc = float((oof[scored].argmax(1) == y[scored]).double().mean())
+    nll = float(nn.functional.cross_entropy(oof[scored].double(), y[scored]))
+    return acc, nll, oof
+
+
+def best_l2(scores: list[dict[str, Any]]) -> float:
+    """The L2 strength with the highest CV accuracy, then the lowest log-loss, then the strongest."""
+    return min(scores, key=lambda s: (-s["cv_acc"], s["cv_nll"], -s["l2"]))["l2"]
+
+
+def choose_l2(x: torch.Tensor, labels, *, num_labels: int, folds: int = 5, seed: int = 0,
+              weights: torch.Tensor | None = None, progress: Progress | None = None) -> tuple[float, list[dict]]:
+    """``train.l2: auto`` for a caller that has not chosen one: stratified ``folds``-fold CV of
+    :func:`fit_logistic` on ``x`` (the training split) over :data:`L2_GRID`; ``(l2, scores)``."""
+    y = as_labels(labels)
+    smallest = int(min(y.bincount(minlength=num_labels)[y.unique()]))
+    fold_idx = stratified_folds(y, max(2, min(folds, smallest)), seed)
+    scores = []
+    with progress_or_null(progress).task("choosing the L2 strength (cross-validation)", total=len(L2_GRID)) as task:
+        for value in L2_GRID:
+            acc, nll, _ = cv_score(x, y, fold_idx, num_labels=num_labels, l2=value, weights=weights)
+            scores.append({"l2": value, "cv_acc": round(acc, 4), "cv_nll": round(nll, 4)})
+            task.advance()
+    return best_l2(scores), scores

@@ -8,9 +8,8 @@ from typing import Any, Literal
 from pydantic import ValidationError, model_validator
 
 from vlrouter.core.errors import InputError, located
+from vlrouter.core.fit import resolve_solver
 from vlrouter.core.registry import Registry, TrainSection, suggest
-
-MINIBATCH_SETTINGS = ("lr", "batch_size", "patience", "eval_every")  # AdamW's knobs: naming one picks adamw
 
 
 class TrainOptions(TrainSection):
@@ -95,7 +94,8 @@ def resolve_options(registry: Registry, overrides: dict[str, Any] | None = None)
             value = os.path.abspath(os.path.expanduser(str(value)))
         values[field] = value
         given.add(field)
-    values["solver"], values["solver_reason"] = _solver(values, given)
+    values["solver"], values["solver_reason"] = resolve_solver(values.get("head", "linear"),
+                                                                values.get("solver", "auto"), given)
     if values.get("workers") != "auto":
         values["workers_note"] = "set by --workers" if (overrides or {}).get("workers") is not None \
             else "set by train.workers"
@@ -107,17 +107,3 @@ def resolve_options(registry: Registry, overrides: dict[str, Any] | None = None)
         flag = "--" + name.replace("_", "-")
         raise InputError(located(None, name, f"{err['msg']} (got {values.get(name)!r})",
                                  fix=f"correct {flag} or train.{name} in registry.yaml")) from None
-
-
-def _solver(values: dict[str, Any], given: set[str]) -> tuple[str, str]:
-    """``train.solver: auto`` resolved: lbfgs for the linear head, unless a minibatch setting was given."""
-    solver = values.get("solver", "auto")
-    if solver != "auto":
-        return solver, f"train.solver: {solver}"
-    if values.get("head") == "mlp":
-        return "adamw", "the mlp head trains with AdamW"
-    named = [k for k in MINIBATCH_SETTINGS if k in given]
-    if named:
-        flags = ", ".join("--" + k.replace("_", "-") for k in named)
-        return "adamw", f"{flags} given (AdamW's settings, as in the seed)"
-    return "lbfgs", "default: L-BFGS on the L2-regularised logistic loss (converges; l2 by cross-validation)"

@@ -78,6 +78,14 @@ class RouterSection(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_prompt_tokens: int = Field(4096, ge=1, le=1_000_000)
 
+    @field_validator("layer", mode="before")
+    @classmethod
+    def _layer(cls, v: Any) -> Any:
+        """One message for a bad layer (the union would report one per alternative)."""
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and -10_000 <= v <= 10_000):
+            return v
+        raise ValueError(f"layer must be auto or a hidden-state index (an integer, -1 = the last layer), got {v!r}")
+
     @field_validator("pooling")
     @classmethod
     def _views(cls, v: str | list[str]) -> str | list[str]:

@@ -11,13 +11,11 @@ cached features: choosing never re-runs the encoder.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vlrouter.core.fit import as_labels, fit_logistic
-from vlrouter.core.head import standardize_stats
+from vlrouter.core.fit import L2_GRID, as_labels, best_l2, cv_score, stratified_folds
 from vlrouter.core.progress import Progress, progress_or_null
 from vlrouter.core.views import VIEWS, Representation
 
@@ -33,7 +31,6 @@ VIEW_SETS: tuple[tuple[str, ...], ...] = tuple((v,) for v in VIEWS) + (
     ("image-grid", "image-std", "text-mean", "last"),
     ("mean", "last"),
 )
-L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 DEFAULT_L2 = 1e-2  # used while comparing representations; then tuned on the winner
 
 
@@ -57,43 +54,6 @@ def candidates(views: Sequence[str] | None, layers: Sequence[int]) -> list[Repre
     """Every representation to score: the explicit views (or :data:`VIEW_SETS`) at each of ``layers``."""
     sets = [tuple(views)] if views is not None else list(VIEW_SETS)
     return [Representation(s, layer) for layer in layers for s in sets]
-
-
-def stratified_folds(labels, k: int, seed: int) -> list[list[int]]:
-    """``k`` disjoint index lists, each class spread evenly over them (seeded shuffle within each class)."""
-    y = as_labels(labels).tolist()
-    folds: list[list[int]] = [[] for _ in range(k)]
-    rng = random.Random(f"vlrouter:cv:{seed}")
-    offset = 0
-    for c in sorted(set(y)):
-        idx = [i for i, v in enumerate(y) if v == c]
-        rng.shuffle(idx)
-        for j, i in enumerate(idx):
-            folds[(offset + j) % k].append(i)
-        offset += len(idx)
-    return [sorted(f) for f in folds if f]
-
-
-def cv_score(x: torch.Tensor, labels, folds: list[list[int]], *, num_labels: int, l2: float,
-             weights: torch.Tensor | None = None) -> tuple[float, float, torch.Tensor]:
-    """Held-out accuracy and log-loss of :func:`fit_logistic` over ``folds`` (standardized per fold), and the
-    out-of-fold logits ``[N, C]`` (every sample scored by the model that did not see it)."""
-    import torch
-    from torch import nn
-
-    y = as_labels(labels)
-    oof = torch.zeros(len(y), num_labels)
-    everything = set(range(len(y)))
-    for held in folds:
-        tr = torch.tensor(sorted(everything - set(held)))
-        te = torch.tensor(held)
-        mean, std = standardize_stats(x[tr])
-        w, b, _ = fit_logistic((x[tr] - mean) / std, y[tr], num_labels=num_labels, l2=l2, weights=weights)
-        oof[te] = ((x[te] - mean) / std) @ w.T + b
-    scored = torch.tensor(sorted(i for f in folds for i in f))
-    acc = float((oof[scored].argmax(1) == y[scored]).double().mean())
-    nll = float(nn.functional.cross_entropy(oof[scored].double(), y[scored]))
-    return acc, nll, oof
 
 
 def choose(train_views: dict[str, torch.Tensor], labels, cands: Sequence[Representation], *, num_labels: int,
@@ -129,7 +89,7 @@ def choose(train_views: dict[str, torch.Tensor], labels, cands: Sequence[Represe
                 acc, nll, oof[top, value] = cv_score(x, y, fold_idx, num_labels=num_labels, l2=value, weights=weights)
                 l2_scores.append({"l2": value, "cv_acc": round(acc, 4), "cv_nll": round(nll, 4)})
                 task.advance()
-        chosen_l2 = min(l2_scores, key=lambda s: (-s["cv_acc"], s["cv_nll"], -s["l2"]))["l2"]
+        chosen_l2 = best_l2(l2_scores)
     prog.log(f"representation: {best.label}, l2 {chosen_l2:g} ({k}-fold CV on the training split)")
     return Selection(representation=best, l2=chosen_l2, folds=k, scores=scores, l2_scores=l2_scores,
                      oof_logits=oof.get((top, chosen_l2)))

@@ -1,0 +1,93 @@
+"""Retraining's edges: Ctrl-C during training leaves nothing half-written, `router eval` notes only a real
+encoder change, a registry whose checkpoint is no PEFT folder is named."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+
+import pytest
+
+from tests.helpers import make_registry, retrain
+from vlrouter.backends.local import retrain_local
+from vlrouter.core.errors import RegistryError
+from vlrouter.core.options import resolve_options
+from vlrouter.core.progress import RecordingProgress
+from vlrouter.core.recipe import evaluate_router, run_retrain
+from vlrouter.core.registry import Registry
+from vlrouter.core.store import versions_dir
+
+TASKS = ["calendar", "claim-window"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir):
+    path = make_registry(tmp_path_factory.mktemp("recipe") / "proj", tiny_model_dir, TASKS, n=8, epochs=5)
+    retrain(path)
+    return path
+
+
+class InterruptTraining(RecordingProgress):
+    """Ctrl-C as soon as head training reports progress."""
+
+    interrupted = False
+
+    @contextmanager
+    def task(self, description, total=None):
+        with super().task(description, total) as handle:
+            if "train" not in description:
+                yield handle
+                return
+            outer = self
+
+            class Interrupting:
+                def advance(self, n=1):
+                    outer.interrupted = True
+                    raise KeyboardInterrupt
+
+            yield Interrupting()
+
+
+def _live(reg: Registry) -> tuple:
+    live = reg.router_dir
+    return os.readlink(live), (live / "router.json").read_bytes(), (live / "head.safetensors").read_bytes()
+
+
+def test_ctrl_c_during_training_leaves_no_candidate_and_the_live_router(project):
+    reg = Registry.load(project)
+    before, versions = _live(reg), sorted(os.listdir(versions_dir(reg.router_dir)))
+    prog = InterruptTraining()
+    with pytest.raises(KeyboardInterrupt):
+        run_retrain(reg, resolve_options(reg), retrain_local, progress=prog)
+    assert prog.interrupted, "no progress task named 'train...' advanced: move the interrupt to head training"
+    assert _live(reg) == before
+    assert sorted(os.listdir(versions_dir(reg.router_dir))) == versions  # the half-written candidate is gone
+    assert run_retrain(reg, resolve_options(reg), retrain_local, force=True).promoted  # and the lock was released
+
+
+def test_eval_notes_an_encoder_change_only_when_there_is_one(project):
+    reg = Registry.load(project)
+    prog = RecordingProgress()
+    metrics = evaluate_router(reg, resolve_options(reg), progress=prog)
+    assert 0.0 <= metrics["metrics"]["accuracy"] <= 1.0 and metrics["embedded_new"] == 0  # features cached
+    assert not [m for m in prog.messages if "fingerprint" in m]
+    meta_path = reg.router_dir / "router.json"  # a router trained with another encoder
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "encoder_fingerprint": "0123456789abcdef"}))
+    try:
+        evaluate_router(reg, resolve_options(reg), progress=prog)
+    finally:
+        meta_path.write_text(json.dumps(meta))
+    assert [m for m in prog.messages if "fingerprint" in m and "0123456789abcdef" in m]
+
+
+def test_a_checkpoint_without_adapter_config_is_named(project, tmp_path):
+    reg = Registry.load(project)
+    for name in TASKS:
+        (reg.resolve(f"checkpoints/{name}")).mkdir(parents=True, exist_ok=True)
+    (reg.resolve("checkpoints/calendar") / "adapter_config.json").write_text("{}")
+    reg.check_paths()  # datasets only: fine
+    with pytest.raises(RegistryError, match=r"adapters\[1\]\.checkpoint.*claim-window.*not a PEFT adapter folder"):
+        reg.check_paths(checkpoints=True)
+    reg.check_paths(["calendar"], checkpoints=True)  # only the adapters asked about
