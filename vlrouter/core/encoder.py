@@ -1,12 +1,11 @@
-"""The frozen Qwen3-VL: loading, input formatting, and views of its hidden states from one forward pass.
+"""The frozen Qwen3-VL: loading, input formatting, and the Encoder that embeds samples into views.
 
-One function formats (image, prompt) for the model -- :func:`build_inputs` -- and one
-runs it and pools -- :func:`encode_views`: every *view* (``mean`` of the non-pad tokens,
-``image-mean`` of the screenshot's tokens, ``text-mean`` of the instruction's tokens,
-``last`` non-pad token) at every requested layer, from ONE pass that stops after the
-deepest requested layer (early exit). Training features (``router embed``) and the
-engine's routing pass both go through it, so what the head sees at inference is what it
-was trained on. A :class:`Representation` (views + layer) says which of them a head reads.
+One function formats (image, prompt) for the model -- :func:`build_inputs` -- and the
+:class:`Encoder` runs it through :func:`vlrouter.core.views.encode_views`: every view at
+every requested layer from ONE pass that stops after the deepest requested layer (early
+exit). Training features (``router embed``) and the engine's routing pass both format
+with :func:`build_inputs` and pool with ``encode_views``, so what the head sees at
+inference is what it was trained on.
 
 Pooling never uses token 0: under causal attention the first position attends only
 to itself, so ``hidden_states[-1][:, 0, :]`` is identical for every input (the seed's

@@ -1,4 +1,4 @@
-"""The router store: router.json + head.safetensors on disk, compatibility, the eval gate, promotion, the lock.
+"""The router store: router.json + head.safetensors on disk, compatibility, versions, promotion, the lock.
 
 Layout of a live router at ``router.dir`` (say ``runs/router``)::
 
