@@ -180,6 +180,8 @@ def test_image_views_are_the_mean_and_spread_of_the_screenshots_tokens_only():
         tokens = hidden[row][image[row].bool()]
         torch.testing.assert_close(out["image-mean"][row], tokens.mean(0))
         torch.testing.assert_close(out["image-std"][row], tokens.std(0, unbiased=False))
+    one = pool_views(hidden, {"image-mean": torch.eye(6)[[2, 5]]}, attn, ["image-mean"])["image-mean"]
+    torch.testing.assert_close(one, hidden[[0, 1], [2, 5]])  # a single token is its own mean
 
 
 def test_layers_resolve_from_either_end_and_refuse_out_of_range():

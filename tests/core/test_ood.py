@@ -83,6 +83,13 @@ def test_the_threshold_leaves_the_quantile_of_validation_inputs_known_and_far_in
     assert bool((model.score(far, vc) > model.threshold).all())
 
 
+def test_one_validation_sample_still_gives_a_finite_threshold_that_knows_it():
+    x, y = _data((20, 20, 20), 6)
+    model = calibrate(fit_ood(x, y, 3), x[:1], torch.ones(1, 8), None)
+    assert model.far[1] == 1.0 and model.content[1] == 1.0  # no spread measurable from one sample: unit scale
+    assert bool(model.score(x[:1], torch.ones(1, 8)) <= model.threshold)
+
+
 @pytest.mark.parametrize("screen", ["blank", "noise"])
 def test_a_screen_unlike_any_gui_is_unknown_even_close_to_the_data(screen):
     """Content is two-sided: a near-uniform screenshot and a far too busy one both score high."""
@@ -102,6 +109,15 @@ def test_saved_statistics_score_exactly_like_the_fitted_model(content):
     odd = None if vc is None else vc * 40
     torch.testing.assert_close(back.score(vx, odd), model.score(vx, odd))
     assert back.threshold == model.threshold and back.quantile == model.quantile
+
+
+def test_statistics_saved_without_spreads_score_the_raw_log_distance():
+    """A router.json from before the spreads were recorded: no far/content, so no rescaling at all."""
+    model, vx, vc = _calibrated()
+    meta = {k: v for k, v in model.meta().items() if k not in ("far", "content", "quantile", "shrinkage")}
+    back = OODModel.from_saved(model.tensors(), meta)
+    torch.testing.assert_close(back.score(vx, vc), model.distance(vx).log())
+    assert back.quantile == 0.95 and back.shrinkage == 0.0
 
 
 def test_incomplete_saved_statistics_name_the_fix():

@@ -31,7 +31,7 @@ def _result(tmp_path):
     ]
     metrics = classification_metrics([NAMES.index(r["routed"]) for r in rows],
                                      [NAMES.index(r["adapter"]) for r in rows], NAMES)
-    metrics.update(ece=0.125, ece_calibrated=float("nan"), temperature=1.5)
+    metrics.update(ece_calibrated=float("nan"), temperature=1.5)  # no "ece": not measured
     return {"metrics": metrics, "samples": rows, "router_dir": "runs/router", "dataset_dir": "runs/dataset",
             "split": "val", "representation": "mean @ layer 2"}
 
@@ -63,7 +63,7 @@ def test_a_card_shows_the_picture_or_says_it_is_unreadable_and_flags_unknown_inp
 def test_the_summary_shows_every_adapters_numbers_and_dashes_for_what_is_not_a_number(tmp_path):
     html = write_report(_result(tmp_path), tmp_path / "out").read_text()
     assert "(val\nsplit, 3 samples)" in html and "<b>mean @ layer 2</b>" in html
-    assert "Accuracy <b>0.333</b>; ECE 0.125 before, - after\ntemperature 1.500" in html
+    assert "Accuracy <b>0.333</b>; ECE - before, - after\ntemperature 1.500" in html
     assert "<tr><td>calendar</td><td>0.500</td><td>0.500</td><td>0.500</td><td>2</td></tr>" in html
     assert "<tr><td>search</td><td>0.000</td><td>0.000</td><td>0.000</td><td>0</td></tr>" in html
     assert html.count("data:image/png;base64,") == 2  # confusion + reliability, inlined
