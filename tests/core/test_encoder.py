@@ -110,6 +110,11 @@ def test_image_grid_splits_the_image_tokens_into_screen_quarters_in_raster_order
     # the middle row (4..7) belongs to both halves; the columns split 2 | 2
     assert quarters == [[0, 1, 4, 5], [2, 3, 6, 7], [4, 5, 8, 9], [6, 7, 10, 11]]
     assert masks["text-mean"][0].tolist() == [0] * 14 + [1, 1, 0]
+    # 2 rows x 3 columns: the middle column belongs to both halves
+    odd = torch.tensor([[1] + [9] * 6 + [8, 5, 7]])
+    masks = view_masks(odd, torch.ones_like(odd), ids, torch.tensor([[1, 4, 6]]))
+    quarters = [(torch.nonzero(q[0]).flatten() - 1).tolist() for q in masks["image-grid"]]
+    assert quarters == [[0, 1], [1, 2], [3, 4], [4, 5]]
 
 
 @pytest.mark.parametrize("grid", [None, torch.tensor([[1, 6, 6]])], ids=["no-grid", "grid-of-another-image"])

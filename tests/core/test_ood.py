@@ -46,6 +46,14 @@ def test_distance_is_the_mahalanobis_distance_under_the_ledoit_wolf_shrunk_covar
     torch.testing.assert_close(model.distance(queries), ref, rtol=1e-4, atol=1e-8)
 
 
+def test_with_few_samples_the_shrinkage_stops_at_the_identity():
+    x, y = blobs((6, 6, 6), dim=4, seed=1)
+    model = fit_ood(x, y, 3)
+    ref, shrinkage = _dense_distance(x, y, x + 1.0, 3)
+    assert model.shrinkage == shrinkage == 1.0  # never more than all the way to the scaled identity
+    torch.testing.assert_close(model.distance(x + 1.0), ref, rtol=1e-6, atol=1e-9)
+
+
 def test_isotropic_residuals_make_the_distance_euclidean():
     """Residuals whose covariance is already a multiple of the identity: full shrinkage, |x - mean|^2 / (mu D)."""
     square = torch.tensor([[1.0, 0], [-1, 0], [0, 1], [0, -1]])  # covariance 0.5 I about its mean
