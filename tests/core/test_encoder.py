@@ -110,6 +110,39 @@ def test_image_grid_splits_the_image_tokens_into_screen_quarters_in_raster_order
     # the middle row (4..7) belongs to both halves; the columns split 2 | 2
     assert quarters == [[0, 1, 4, 5], [2, 3, 6, 7], [4, 5, 8, 9], [6, 7, 10, 11]]
     assert masks["text-mean"][0].tolist() == [0] * 14 + [1, 1, 0]
+    # 2 rows x 3 columns: the middle column belongs to both halves
+    odd = torch.tensor([[1] + [9] * 6 + [8, 5, 7]])
+    masks = view_masks(odd, torch.ones_like(odd), ids, torch.tensor([[1, 4, 6]]))
+    quarters = [(torch.nonzero(q[0]).flatten() - 1).tolist() for q in masks["image-grid"]]
+    assert quarters == [[0, 1], [1, 2], [3, 4], [4, 5]]
+
+
+@pytest.mark.parametrize("grid", [None, torch.tensor([[1, 6, 6]])], ids=["no-grid", "grid-of-another-image"])
+def test_without_a_usable_grid_image_grid_splits_the_image_tokens_into_quarters_by_order(grid):
+    from vlrouter.core.views import TokenIds
+
+    ids = TokenIds(image=9, vision_end=8, turn_end=7, merge=2)
+    input_ids = torch.tensor([[1] + [9] * 8 + [8, 5, 7]])  # 8 image tokens; a 3x3 grid would need 9
+    masks = view_masks(input_ids, torch.ones_like(input_ids), ids, grid)
+    quarters = [(torch.nonzero(q[0]).flatten() - 1).tolist() for q in masks["image-grid"]]
+    assert quarters == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_token_ids_come_from_the_model_config_and_else_from_the_tokenizer(tiny_encoder):
+    from types import SimpleNamespace
+
+    from vlrouter.core.views import TokenIds
+
+    tok = tiny_encoder.processor.tokenizer
+    proc = SimpleNamespace(tokenizer=tok, image_processor=SimpleNamespace(merge_size=4))
+    vision = SimpleNamespace(spatial_merge_size=3)
+    cfg = SimpleNamespace(image_token_id=11, vision_end_token_id=12, vision_config=vision)
+    assert TokenIds.of(SimpleNamespace(config=cfg), proc) == TokenIds(
+        image=11, vision_end=12, turn_end=tok.convert_tokens_to_ids("<|im_end|>"), merge=3)
+    bare = TokenIds.of(SimpleNamespace(), proc)  # a config without them: the tokenizer's special tokens
+    assert (bare.image, bare.vision_end, bare.merge) == (
+        tok.convert_tokens_to_ids("<|image_pad|>"), tok.convert_tokens_to_ids("<|vision_end|>"), 4)
+    assert TokenIds.of(tiny_encoder.model, tiny_encoder.processor) == tiny_encoder.token_ids
 
 
 def test_token_zero_is_identical_for_every_input(tiny_encoder):
@@ -141,6 +174,19 @@ def test_pool_hidden_handles_left_and_right_padding():
     torch.testing.assert_close(pool_hidden(hidden, right, "last")[0], hidden[0, 1])
     torch.testing.assert_close(pool_hidden(hidden, left, "mean")[0], hidden[0, 2:].mean(0))
     torch.testing.assert_close(pool_hidden(hidden, right, "mean")[0], hidden[0, :2].mean(0))
+
+
+def test_image_views_are_the_mean_and_spread_of_the_screenshots_tokens_only():
+    hidden = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(0)) + 5.0
+    image = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]]).float()
+    attn = torch.ones(2, 6, dtype=torch.long)
+    out = pool_views(hidden, {"image-mean": image}, attn, ["image-mean", "image-std"])
+    for row in range(2):
+        tokens = hidden[row][image[row].bool()]
+        torch.testing.assert_close(out["image-mean"][row], tokens.mean(0))
+        torch.testing.assert_close(out["image-std"][row], tokens.std(0, unbiased=False))
+    one = pool_views(hidden, {"image-mean": torch.eye(6)[[2, 5]]}, attn, ["image-mean"])["image-mean"]
+    torch.testing.assert_close(one, hidden[[0, 1], [2, 5]])  # a single token is its own mean
 
 
 def test_layers_resolve_from_either_end_and_refuse_out_of_range():

@@ -84,3 +84,86 @@ def test_lbfgs_head_converges_to_the_regularised_optimum_and_is_deterministic():
     chosen, scores = choose_l2(x, y, num_labels=3, folds=opts.cv_folds, seed=0)
     _, auto = train_head(x, y, vx, vy, opts, num_labels=3)
     assert auto["l2"] == chosen and chosen in L2_GRID and [s["l2"] for s in scores] == list(L2_GRID)
+
+
+def test_adamw_stats_count_every_sample_every_epoch():
+    """9 samples in batches of 4: 3 steps an epoch (the last batch holds one sample), every evaluation logged."""
+    x, y = _blobs(n_per_class=(3, 3, 3))
+    vx, vy = _blobs(n_per_class=(2, 2, 2), seed=1)
+    _, stats = train_head(x, y, vx, vy, _opts(epochs=4, batch_size=4, eval_every=5, patience=100), num_labels=3)
+    assert (stats["steps"], stats["epochs_run"], stats["stopped_early"]) == (12, 4.0, False)
+    assert (stats["n_train"], stats["n_val"]) == (9, 6)
+    assert [h["step"] for h in stats["history"]] == [5, 10, 12]  # every eval_every steps, and after the last
+    assert stats["samples_per_s"] * stats["seconds"] == pytest.approx(12 * 4, rel=0.25)  # seconds: rounded to ms
+
+
+def test_a_run_whose_validation_loss_is_never_finite_reports_no_best():
+    x, y = _blobs()
+    vx, vy = _blobs(n_per_class=(2, 2, 2), seed=1)
+    vx[0, 0] = float("nan")
+    _, stats = train_head(x, y, vx, vy, _opts(epochs=2), num_labels=3)
+    assert stats["best_loss"] == float("inf") and stats["best_acc"] == 0.0 and stats["best_step"] == 0
+
+
+def test_the_label_count_is_inferred_from_the_labels_when_not_given():
+    x, y = _blobs()
+    vx, vy = _blobs(n_per_class=(2, 2, 2), seed=1)
+    head, _ = train_head(x, y, vx, vy, TrainSection(solver="lbfgs"), l2=0.1)
+    assert head[1].weight.shape == (3, x.shape[1])
+
+
+def test_lbfgs_stats_report_the_regularised_training_loss_and_its_work():
+    x, y = _blobs(spread=4.0)
+    vx, vy = _blobs(n_per_class=(6, 6, 6), seed=3, spread=4.0)
+    head, stats = train_head(x, y, vx, vy, TrainSection(solver="lbfgs"), num_labels=3, l2=0.1)
+    w, b = head[1].weight.detach().double(), head[1].bias.detach().double()
+    xs = ((x - head[0].mean) / head[0].std).double()
+    objective = torch.nn.functional.cross_entropy(xs @ w.T + b, y) + 0.05 * (w * w).sum()
+    assert stats["train_loss"] == pytest.approx(float(objective), rel=1e-5)
+    assert stats["epochs_run"] >= stats["steps"] >= 1 and not stats["stopped_early"]  # evaluations, iterations
+    assert stats["n_train"] == 60 and stats["n_val"] == 18
+
+
+def test_an_auto_l2_inside_train_head_uses_the_configured_folds():
+    from vlrouter.core.fit import choose_l2
+
+    x, y = _blobs(spread=4.0)
+    vx, vy = _blobs(n_per_class=(6, 6, 6), seed=3, spread=4.0)
+    _, stats = train_head(x, y, vx, vy, TrainSection(solver="lbfgs", cv_folds=2, seed=3), num_labels=3)
+    assert stats["l2"] == choose_l2(x, y, num_labels=3, folds=2, seed=3)[0]
+
+
+def test_stratified_folds_are_disjoint_cover_everything_and_spread_each_class_evenly():
+    from vlrouter.core.fit import stratified_folds
+
+    y = [0] * 7 + [1] * 5 + [2] * 3
+    folds = stratified_folds(y, 3, seed=0)
+    assert sorted(i for f in folds for i in f) == list(range(15))
+    for c, n in ((0, 7), (1, 5), (2, 3)):
+        per_fold = [sum(1 for i in f if y[i] == c) for f in folds]
+        assert sum(per_fold) == n and max(per_fold) - min(per_fold) <= 1
+    assert stratified_folds(y, 3, seed=0) == folds and stratified_folds(y, 3, seed=1) != folds
+
+
+def test_out_of_fold_logits_come_from_the_model_that_did_not_see_the_sample():
+    from vlrouter.core.fit import cv_score, fit_logistic, stratified_folds
+    from vlrouter.core.head import standardize_stats
+
+    x, y = _blobs(n_per_class=(12, 6, 4), spread=3.0)
+    folds = stratified_folds(y, 2, seed=0)
+    acc, nll, oof = cv_score(x, y, folds, num_labels=3, l2=0.1)
+    held = torch.tensor(folds[0])
+    seen = torch.tensor(folds[1])
+    mean, std = standardize_stats(x[seen])
+    w, b, _ = fit_logistic((x[seen] - mean) / std, y[seen], num_labels=3, l2=0.1)
+    torch.testing.assert_close(oof[held], ((x[held] - mean) / std) @ w.T + b)
+    assert acc == pytest.approx(float((oof.argmax(1) == y).double().mean()))
+    assert nll == pytest.approx(float(torch.nn.functional.cross_entropy(oof.double(), y)))
+
+
+def test_the_best_l2_is_the_most_accurate_then_the_best_calibrated_then_the_strongest():
+    from vlrouter.core.fit import best_l2
+
+    assert best_l2([{"l2": 0.1, "cv_acc": 0.8, "cv_nll": 0.2}, {"l2": 1.0, "cv_acc": 0.9, "cv_nll": 0.5}]) == 1.0
+    assert best_l2([{"l2": 0.1, "cv_acc": 0.9, "cv_nll": 0.2}, {"l2": 1.0, "cv_acc": 0.9, "cv_nll": 0.5}]) == 0.1
+    assert best_l2([{"l2": 0.1, "cv_acc": 0.9, "cv_nll": 0.2}, {"l2": 1.0, "cv_acc": 0.9, "cv_nll": 0.2}]) == 1.0

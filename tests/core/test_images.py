@@ -38,19 +38,35 @@ def test_a_16_bit_greyscale_png_keeps_its_greys(tmp_path):
     ("I", 65535, (255, 255, 255)),
     ("I", 100, (100, 100, 100)),  # an 8-bit range stored as 32-bit ints stays as it is
     ("F", 0.5, (128, 128, 128)),  # a 0..1 float image
+    ("F", 1.0, (255, 255, 255)),  # 1.0 is the top of a 0..1 float image: white
+    ("F", 1.5, (2, 2, 2)),  # over 1: a 0..255 float image, kept as it is
+    ("F", float("nan"), (0, 0, 0)),  # NaN pixels show black
+    ("I", 1, (1, 1, 1)),  # a dark 32-bit int image is not a 0..1 image
     ("LA", (0, 0), (255, 255, 255)),  # fully transparent: the white a viewer shows, not black
     ("RGBA", (255, 0, 0, 255), (255, 0, 0)),
     ("P", 0, (0, 0, 0)),
     ("CMYK", (0, 0, 0, 0), (255, 255, 255)),
     ("LAB", (100, 128, 128), (93, 93, 93)),  # L*=39 grey, not read as if it were RGB (100, 128, 128)
     ("1", 1, (255, 255, 255)),
-], ids=["i16", "i32-16bit", "i32-8bit", "float", "la-transparent", "rgba", "palette", "cmyk", "lab", "bilevel"])
+], ids=["i16", "i32-16bit", "i32-8bit", "float", "float-white", "float-0-255", "float-nan", "i32-dark",
+        "la-transparent", "rgba", "palette", "cmyk", "lab", "bilevel"])
 def test_every_mode_becomes_the_rgb_a_viewer_shows(mode, value, expected):
     px = open_image(Image.new(mode, (8, 8), value)).getpixel((3, 3))
     assert all(abs(a - b) <= 2 for a, b in zip(px, expected)), (mode, px)
 
 
+def test_a_palette_image_with_a_transparent_colour_shows_white_there():
+    img = Image.new("P", (8, 8), 0)
+    img.putpalette([10, 20, 30, 200, 0, 0])
+    img.putpixel((1, 1), 1)
+    img.info["transparency"] = 0  # palette entry 0 is transparent
+    rgb = open_image(img)
+    assert rgb.getpixel((3, 3)) == (255, 255, 255) and rgb.getpixel((1, 1)) == (200, 0, 0)
+
+
 def test_numpy_arrays_are_images():
+    assert open_image(np.eye(4, dtype=bool)).getpixel((1, 1)) == (255, 255, 255)  # True: white
+    assert open_image(np.eye(4, dtype=bool)).getpixel((0, 1)) == (0, 0, 0)
     assert open_image(np.zeros((20, 30, 3), dtype=np.uint8)).size == (30, 20)
     assert open_image(np.ones((20, 30))).getpixel((0, 0)) == (255, 255, 255)  # float 0..1
     assert open_image(np.full((4, 4, 4), 255, dtype=np.uint8)).mode == "RGB"

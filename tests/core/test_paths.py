@@ -21,6 +21,13 @@ def test_a_fifo_is_refused_without_being_opened(tmp_path):
     assert check_regular_file(tmp_path / "missing") == tmp_path / "missing"  # the caller words "not found"
 
 
+def test_a_device_or_a_folder_is_named_for_what_it_is(tmp_path):
+    with pytest.raises(InputError, match=r"dataset /dev/null is a device, not a regular file"):
+        check_regular_file("/dev/null", what="dataset")
+    with pytest.raises(InputError, match=r"is a folder, not a regular file"):
+        check_regular_file(tmp_path, what="dataset")
+
+
 def test_a_symlinked_file_is_saved_through_the_link(tmp_path):
     real = tmp_path / "shared" / "registry.yaml"
     real.parent.mkdir()

@@ -62,3 +62,16 @@ def test_router_json_defaults_for_what_a_writer_left_out():
                       head=HeadShape(in_dim=4, num_labels=2))
     assert (meta.temperature, meta.embedded_new, meta.reused_cached, meta.metrics) == (1.0, 0, 0, {})
     assert meta.best_loss is None and meta.best_acc is None and meta.created_at
+
+
+def test_without_validation_features_chance_counts_only_the_adapters_validation_held(tmp_path):
+    """router.json's per-class recalls: an adapter with no validation samples is neither a recall nor a class."""
+    from vlrouter.core.errors import PromotionRefused
+
+    shape = HeadShape(in_dim=4, num_labels=3)
+    per = {"a": {"recall": 0.5, "support": 4}, "b": {"recall": 0.5, "support": 4}, "c": {"recall": 0.0, "support": 0}}
+    meta = RouterMeta(adapters=["a", "b", "c"], base_model=BASE, pooling="mean", layer=-1, hidden_size=4, head=shape,
+                      metrics={"val_acc": 0.5, "n_val": 8, "per_class": per}, encoder_fingerprint="enc")
+    cand = save_router(tmp_path / "cand", build_head(shape), meta)
+    with pytest.raises(PromotionRefused, match=r"balanced accuracy 0.500 does not beat chance 0.500 on 8 validation"):
+        promote_with_gate(cand, tmp_path / "router", force=True)

@@ -1,0 +1,149 @@
+"""OOD scores: the Mahalanobis distance under a Ledoit-Wolf-shrunk covariance, the content check, the threshold."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import blobs
+from vlrouter.core.errors import CheckpointError
+from vlrouter.core.ood import MAX_RANK, OODModel, auroc, calibrate, fit_ood
+
+
+def _data(n_per_class, dim, seed=1):
+    """Anisotropic clusters (every dimension its own spread), so the shrinkage is neither 0 nor 1."""
+    x, y = blobs(n_per_class, dim=dim, seed=seed)
+    return x * torch.linspace(0.2, 3, dim), y
+
+
+def _dense_distance(x, y, queries, num_labels):
+    """Reference: min over classes of z^T Sigma^-1 z / D, Sigma = (1 - a) S + a tr(S)/D I, dense, with sklearn's a."""
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    xd = x.double()
+    means = torch.stack([xd[y == c].mean(0) for c in range(num_labels)])
+    r = xd - means[y]
+    n, d = r.shape
+    s = r.T @ r / n
+    a = float(ledoit_wolf_shrinkage(r.numpy(), assume_centered=True))
+    sigma = (1 - a) * s + a * float(s.trace()) / d * torch.eye(d, dtype=torch.float64)
+    inv = torch.linalg.inv(sigma)
+    q = queries.double()
+    dist = torch.stack([((q - m) @ inv * (q - m)).sum(1) for m in means]).amin(0)
+    return dist / d, a
+
+
+@pytest.mark.parametrize("n_per_class, dim", [((20, 20, 20), 4), ((5, 5, 5), 30)], ids=["N>D", "D>N"])
+def test_distance_is_the_mahalanobis_distance_under_the_ledoit_wolf_shrunk_covariance(n_per_class, dim):
+    x, y = _data(n_per_class, dim)
+    model = fit_ood(x, y, 3)
+    queries = torch.cat([x[:5], x[:5] + 4.0, torch.randn(5, dim, generator=torch.Generator().manual_seed(3)) * 6])
+    ref, shrinkage = _dense_distance(x, y, queries, 3)
+    assert 0.05 < shrinkage < 0.95  # a real mix of the sample covariance and the identity
+    assert model.shrinkage == pytest.approx(shrinkage, rel=1e-9)
+    torch.testing.assert_close(model.distance(queries), ref, rtol=1e-4, atol=1e-8)
+
+
+def test_with_few_samples_the_shrinkage_stops_at_the_identity():
+    x, y = blobs((6, 6, 6), dim=4, seed=1)
+    model = fit_ood(x, y, 3)
+    ref, shrinkage = _dense_distance(x, y, x + 1.0, 3)
+    assert model.shrinkage == shrinkage == 1.0  # never more than all the way to the scaled identity
+    torch.testing.assert_close(model.distance(x + 1.0), ref, rtol=1e-6, atol=1e-9)
+
+
+def test_isotropic_residuals_make_the_distance_euclidean():
+    """Residuals whose covariance is already a multiple of the identity: full shrinkage, |x - mean|^2 / (mu D)."""
+    square = torch.tensor([[1.0, 0], [-1, 0], [0, 1], [0, -1]])  # covariance 0.5 I about its mean
+    x = torch.cat([square, square + 10])
+    y = torch.tensor([0] * 4 + [1] * 4)
+    model = fit_ood(x, y, 2)
+    assert model.shrinkage == 1.0
+    q = torch.tensor([[0.0, 0.0], [3.0, 4.0], [9.0, 10.0]])
+    expected = torch.tensor([0.0, 25.0, 1.0]) / (0.5 * 2)
+    torch.testing.assert_close(model.distance(q), expected.double().clamp_min(1e-12 / 2), rtol=1e-9, atol=1e-9)
+
+
+def test_many_samples_in_many_dimensions_keep_at_most_max_rank_directions():
+    """The checkpoint stays small however much data there is: the rest of the covariance counts as isotropic."""
+    x = torch.randn(MAX_RANK + 20, MAX_RANK + 10, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(len(x)) % 2
+    model = fit_ood(x, y, 2)
+    assert model.basis.shape == (MAX_RANK + 10, MAX_RANK) and model.meta()["rank"] == MAX_RANK
+    assert bool(torch.isfinite(model.distance(x[:4])).all())
+
+
+def _calibrated(content=True):
+    x, y = _data((20, 20, 20), 6)
+    vx, _ = _data((6, 6, 6), 6, seed=2)
+    g = torch.Generator().manual_seed(4)
+    tc, vc = (torch.rand(60, 8, generator=g) + 0.5, torch.rand(18, 8, generator=g) + 0.5) if content else (None, None)
+    return calibrate(fit_ood(x, y, 3), vx, vc, tc), vx, vc
+
+
+def test_the_threshold_leaves_the_quantile_of_validation_inputs_known_and_far_inputs_unknown():
+    model, vx, vc = _calibrated()
+    scores = model.score(vx, vc)
+    assert float((scores <= model.threshold).double().mean()) == pytest.approx(0.95, abs=0.06)
+    far = vx + 50.0
+    assert bool((model.score(far, vc) > model.threshold).all())
+
+
+def test_one_validation_sample_still_gives_a_finite_threshold_that_knows_it():
+    x, y = _data((20, 20, 20), 6)
+    model = calibrate(fit_ood(x, y, 3), x[:1], torch.ones(1, 8), None)
+    assert model.far[1] == 1.0 and model.content[1] == 1.0  # no spread measurable from one sample: unit scale
+    assert bool(model.score(x[:1], torch.ones(1, 8)) <= model.threshold)
+
+
+@pytest.mark.parametrize("screen", ["blank", "noise"])
+def test_a_screen_unlike_any_gui_is_unknown_even_close_to_the_data(screen):
+    """Content is two-sided: a near-uniform screenshot and a far too busy one both score high."""
+    model, vx, vc = _calibrated()
+    odd = torch.full_like(vc, 1e-3) if screen == "blank" else vc * 40
+    assert bool((model.score(vx, odd) > model.threshold).all())
+    assert bool((model.score(vx, odd) > model.score(vx)).all())  # without the content view: distance only
+
+
+@pytest.mark.parametrize("content", [True, False], ids=["with-content", "distance-only"])
+def test_saved_statistics_score_exactly_like_the_fitted_model(content):
+    """What router.json + head.safetensors hold (meta through JSON, tensors) gives the same scores."""
+    model, vx, vc = _calibrated(content)
+    meta = json.loads(json.dumps(model.meta()))
+    assert (meta["content"] is not None) == content
+    back = OODModel.from_saved(model.tensors(), meta)
+    odd = None if vc is None else vc * 40
+    torch.testing.assert_close(back.score(vx, odd), model.score(vx, odd))
+    assert back.threshold == model.threshold and back.quantile == model.quantile
+
+
+def test_statistics_saved_without_spreads_score_the_raw_log_distance():
+    """A router.json from before the spreads were recorded: no far/content, so no rescaling at all."""
+    model, vx, vc = _calibrated()
+    meta = {k: v for k, v in model.meta().items() if k not in ("far", "content", "quantile", "shrinkage")}
+    back = OODModel.from_saved(model.tensors(), meta)
+    torch.testing.assert_close(back.score(vx, vc), model.distance(vx).log())
+    assert back.quantile == 0.95 and back.shrinkage == 0.0
+
+
+def test_incomplete_saved_statistics_name_the_fix():
+    model, _, _ = _calibrated()
+    tensors = model.tensors()
+    del tensors["ood.basis"]
+    with pytest.raises(CheckpointError, match=r"ood: the OOD statistics are incomplete \(missing \['ood.basis'\]\)"
+                                              r".*router.ood: off"):
+        OODModel.from_saved(tensors, model.meta())
+    with pytest.raises(CheckpointError, match="missing meta"):
+        OODModel.from_saved(model.tensors(), {"iso": 1.0})
+
+
+def test_auroc_matches_sklearn_with_ties_and_is_nan_without_samples():
+    from sklearn.metrics import roc_auc_score
+
+    inside, outside = [0.1, 0.5, 0.5, 0.9, 1.2], [0.5, 1.0, 2.0, 0.05]
+    expected = roc_auc_score([0] * len(inside) + [1] * len(outside), inside + outside)
+    assert auroc(inside, outside) == pytest.approx(expected)
+    assert auroc([0.0, 0.1], [1.0, 2.0]) == 1.0 and auroc([1.0, 2.0], [0.0, 0.1]) == 0.0
+    assert auroc([], [1.0]) != auroc([], [1.0])  # nan
