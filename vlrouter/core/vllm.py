@@ -279,3 +279,18 @@ def _route_missing(r) -> bool:
 def _reason(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text[:200] if text else type(e).__name__
+
+
+def sync_adapter(registry: Registry, name: str, *, added: bool) -> str | None:
+    """After ``router add-adapter`` / ``remove-adapter`` with ``engine.generation: vllm``: load (unload) ``name`` on
+    the vLLM server, so it serves what the registry lists. None when generation is local."""
+    if registry.model.engine.generation != "vllm":
+        return None
+    client = VLLMClient.from_registry(registry)
+    try:
+        if not added:
+            return client.unload_lora(name)
+        path = client.lora_path(name, registry.resolve(registry.adapter(name).checkpoint))
+        return client.load_lora(name, path)
+    finally:
+        client.close()
