@@ -33,6 +33,7 @@ import modal
 
 from vlrouter.backends import modal_app as mapp
 from vlrouter.core.engine import Engine
+from vlrouter.core.registry import Registry
 from vlrouter.serve import ServeSettings, create_app
 
 log = logging.getLogger("vlrouter.serve")
@@ -120,9 +121,11 @@ class Server:
     def load(self) -> None:
         path = os.environ.get(ENV_REGISTRY, REGISTRY_PATH)
         mapp._sync(mapp.DATA_ROOT, "reload")
-        self.engine = Engine.from_registry(path)
+        reg = Registry.load(path)
+        self.engine = Engine.from_registry(reg)
         log.info("loaded %s: adapters %s", path, ", ".join(self.engine.adapters))
-        if not modal.is_local():  # a hub model was downloaded into the volume's HF cache: keep it for the next one
+        if not modal.is_local() and not reg.base_model_is_local():  # a hub model went into the volume's HF cache:
+            # keep it for the next container
             try:
                 mapp._sync(mapp.DATA_ROOT, "commit")
             except Exception as e:  # another container committing at once: the next start downloads again

@@ -45,6 +45,7 @@ class AdapterPool:
         self.sources: dict[str, AdapterSource] = {s.name: s for s in sources}
         self.stamps: dict[str, tuple] = {s.name: checkpoint_stamp(s.path) for s in sources}
         self._lru: OrderedDict[str, None] = OrderedDict((n, None) for n in model.peft_config)
+        self._order: tuple[str, ...] = tuple(self._lru)  # a snapshot other threads may read (GET /readyz)
         self._vision: dict[str, bool] = {n: True for n in adapters_in(inner_vl_model(model).visual)}
         self.loads = 0  # adapters loaded on demand (not counting the initial ones)
         self.evictions = 0
@@ -69,8 +70,8 @@ class AdapterPool:
 
     @property
     def resident(self) -> list[str]:
-        """Resident adapters, least recently used first."""
-        return list(self._lru)
+        """Resident adapters, least recently used first (a snapshot: safe to read from any thread)."""
+        return list(self._order)
 
     def vision_adapters(self) -> frozenset[str]:
         """Adapters with LoRA weights inside the vision tower, resident or not (from the checkpoint's key names)."""
@@ -94,6 +95,7 @@ class AdapterPool:
         for name in wanted:
             if name in self._lru:
                 self._lru.move_to_end(name)
+        self._order = tuple(self._lru)
         for name in wanted:
             if name in self._lru:
                 continue
@@ -179,6 +181,7 @@ class AdapterPool:
                 delete_adapter(self.model, src.name)
             raise
         self._lru[src.name] = None
+        self._order = tuple(self._lru)
         self._vision[src.name] = src.name in adapters_in(inner_vl_model(self.model).visual)
         self.peak = max(self.peak, len(self._lru))
         self.model.eval()
@@ -187,5 +190,6 @@ class AdapterPool:
     def _evict(self, name: str, *, count: bool = True) -> None:
         delete_adapter(self.model, name)
         del self._lru[name]
+        self._order = tuple(self._lru)
         if count:
             self.evictions += 1
