@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Compose the README's benchmark block from the JSON results of one `bench/run`.
+"""Compose the README's benchmark blocks from the JSON results of one `bench/run`.
 
-    python bench/report.py                  # print the block from bench/results/*.json
-    python bench/report.py --update-readme  # also replace it in README.md (between the bench markers)
+    python bench/report.py                  # print the blocks from bench/results/*.json
+    python bench/report.py --update-readme  # also replace them in README.md (between their markers)
 
-``tests/test_readme_bench.py`` renders the committed results the same way and checks
-that README.md shows exactly that block, so the table and the command cannot drift.
+Two blocks: "Benchmarks" (train, engine, serve) and the scale table in "Scaling out"
+(``scale.json``). ``tests/test_readme_bench.py`` renders the committed results the same
+way and checks that README.md shows exactly those blocks, so tables and command cannot drift.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+SCALE_START, SCALE_END = "<!-- scale:start -->", "<!-- scale:end -->"
 
 
 def _module(name: str):
@@ -48,10 +50,23 @@ def block(results_dir: Path = RESULTS) -> str:
     ])
 
 
-def readme_block(readme: Path = README) -> str:
-    m = re.search(re.escape(START) + r"\n(.*?)\n" + re.escape(END), readme.read_text(), re.S)
+def scale_block(results_dir: Path = RESULTS) -> str:
+    """The scale table (bench/bench_scale.py) and how each figure grows with the adapter count."""
+    scale = json.loads((results_dir / "scale.json").read_text())
+    mod = _module("bench_scale")
+    return "\n".join([
+        "    .venv/bin/python bench/bench_scale.py --json bench/results/scale.json   # (part of `bash bench/run`)",
+        "",
+        mod.render(scale),
+        "",
+        mod.growth(scale),
+    ])
+
+
+def readme_block(readme: Path = README, start: str = START, end: str = END) -> str:
+    m = re.search(re.escape(start) + r"\n(.*?)\n" + re.escape(end), readme.read_text(), re.S)
     if not m:
-        raise SystemExit(f"{readme}: no {START} … {END} block")
+        raise SystemExit(f"{readme}: no {start} … {end} block")
     return m.group(1)
 
 
@@ -59,11 +74,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--update-readme", action="store_true", help="write the block into README.md")
     args = ap.parse_args()
-    text = block()
-    print(text)
+    text, scale = block(), scale_block()
+    print(text + "\n\n" + scale)
     if args.update_readme:
-        old = README.read_text()
-        new = old.replace(f"{START}\n{readme_block()}\n{END}", f"{START}\n{text}\n{END}")
+        new = README.read_text()
+        for start, end, body in ((START, END, text), (SCALE_START, SCALE_END, scale)):
+            m = re.search(re.escape(start) + r"\n(.*?)" + re.escape(end), new, re.S)
+            if not m:
+                raise SystemExit(f"{README}: no {start} … {end} block")
+            new = new[:m.start()] + f"{start}\n{body}\n{end}" + new[m.end():]
         README.write_text(new)
 
 
