@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Compose the README's benchmark blocks from the JSON results of `bench/run` and `bench/gpu/run`.
 
-    python bench/report.py                  # print both blocks from bench/results/*.json
+    python bench/report.py                  # print every block from bench/results/*.json
     python bench/report.py --update-readme  # also replace them in README.md (between their markers)
 
-Two blocks: the CPU benchmarks (``quality.json``, ``train.json``, ``engine.json``, ``serve.json``) and the real-size GPU
-figures (``gpu-<size>.json``; until a GPU run has happened, a line that says so and gives
-the command). ``tests/test_readme_bench.py`` renders the committed results the same way
-and checks that README.md shows exactly those blocks, so tables and commands cannot drift.
+Three blocks: the CPU benchmarks (``quality.json``, ``train.json``, ``engine.json``, ``serve.json``),
+the scale table in "Scaling out" (``scale.json``) and the real-size GPU figures (``gpu-<size>.json``;
+until a GPU run has happened, a line that says so and gives the command).
+``tests/test_readme_bench.py`` renders the committed results the same way and checks that
+README.md shows exactly those blocks, so tables and commands cannot drift.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ README = HERE.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 GPU_START, GPU_END = "<!-- bench-gpu:start -->", "<!-- bench-gpu:end -->"
 GPU_COMMAND = "bash bench/gpu/run"
+SCALE_START, SCALE_END = "<!-- scale:start -->", "<!-- scale:end -->"
 
 
 def _module(name: str, path: Path | None = None):
@@ -76,6 +78,19 @@ def gpu_block(results_dir: Path = RESULTS) -> str:
     return _module("bench_gpu", HERE / "gpu" / "bench_gpu.py").render(results)
 
 
+def scale_block(results_dir: Path = RESULTS) -> str:
+    """The scale table (bench/bench_scale.py) and how each figure grows with the adapter count."""
+    scale = json.loads((results_dir / "scale.json").read_text())
+    mod = _module("bench_scale")
+    return "\n".join([
+        "    .venv/bin/python bench/bench_scale.py --json bench/results/scale.json   # (part of `bash bench/run`)",
+        "",
+        mod.render(scale),
+        "",
+        mod.growth(scale),
+    ])
+
+
 def _find(text: str, start: str, end: str, where: Path) -> re.Match:
     m = re.search(re.escape(start) + r"\n(.*?)\n" + re.escape(end), text, re.S)
     if not m:
@@ -88,9 +103,10 @@ def readme_block(readme: Path = README, start: str = START, end: str = END) -> s
 
 
 def update_readme(readme: Path = README) -> None:
-    """Replace both blocks in README.md with what the committed results render."""
+    """Replace every block in README.md with what the committed results render."""
     text = readme.read_text()
-    for start, end, new in ((START, END, block()), (GPU_START, GPU_END, gpu_block())):
+    for start, end, new in ((START, END, block()), (SCALE_START, SCALE_END, scale_block()),
+                            (GPU_START, GPU_END, gpu_block())):
         m = _find(text, start, end, readme)
         text = text[:m.start(1)] + new + text[m.end(1):]
     readme.write_text(text)
@@ -101,6 +117,8 @@ def main() -> None:
     ap.add_argument("--update-readme", action="store_true", help="write both blocks into README.md")
     args = ap.parse_args()
     print(block())
+    print()
+    print(scale_block())
     print()
     print(gpu_block())
     if args.update_readme:

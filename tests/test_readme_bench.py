@@ -36,9 +36,15 @@ def test_readme_names_the_gpu_benchmark_command():
     assert "bench/gpu/bench_gpu.py" in run
 
 
+def test_readme_scale_table_matches_the_committed_scale_results():
+    report = _report()
+    assert report.readme_block(start=report.SCALE_START, end=report.SCALE_END) == report.scale_block(), \
+        "README's scale table differs: run `bash bench/run --update-readme` (or bench/report.py --update-readme)"
+
+
 def test_readme_names_the_one_benchmark_command():
     readme = (ROOT / "README.md").read_text()
     run = (ROOT / "bench" / "run").read_text()
     assert "bash bench/run" in readme and "make bench" in readme
     assert "bench/bench_train.py" in run and "bench/bench_engine.py" in run and "bench/report.py" in run
-    assert "bench/bench_serve.py" in run and "bench/bench_quality.py" in run
+    assert "bench/bench_serve.py" in run and "bench/bench_quality.py" in run and "bench/bench_scale.py" in run

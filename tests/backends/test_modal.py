@@ -7,6 +7,7 @@ in-process with ``.local()`` against temporary roots standing in for the volumes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -75,16 +76,19 @@ def test_app_module_imports_and_defines_everything_with_sockets_blocked(tmp_path
         socket.create_connection = refuse
         socket.getaddrinfo = refuse
 
-        import importlib, modal
+        import importlib, warnings, modal
+        warnings.simplefilter("error")  # nothing deprecated on the way
         import vlrouter.backends.modal_app as m
         m = importlib.reload(m)
         assert isinstance(m.app, modal.App), m.app
         assert m.app.name == "vlrouter", m.app.name
+        # Modal's supported way to reach an app's functions: the module-level objects its decorators return
+        # (App.registered_functions is deprecated and leaves in modal 1.7).
+        functions = sorted(k for k, v in vars(m).items() if isinstance(v, modal.Function))
         for name in ("process_shard", "embed", "train"):
             fn = getattr(m, name)
             assert isinstance(fn, modal.Function), (name, fn)
-            assert name in m.app.registered_functions, name
-        print("ok", sorted(m.app.registered_functions))
+        print("ok", functions)
     """)
     env = _env(MODAL_CONFIG_PATH=str(tmp_path / "none.toml"))
     r = subprocess.run([PYTHON, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -102,7 +106,7 @@ def test_volume_and_app_names_follow_the_environment_set_before_import():
         assert m.app.name == "my-router"
         assert {k: v.name for k, v in m.VOLUMES.items()} == {"/data": "my-data", "/output": "my-out",
                                                              "/checkpoints": "my-ck"}
-        assert m.RESOURCES["embed"]["gpu"] == m.RESOURCES["train"]["gpu"] == "A100-80GB"
+        assert m.RESOURCES["embed"]["gpu"] == "A100-80GB" and "gpu" not in m.RESOURCES["train"]
         assert m.CONTAINER_ENV[modal_run.ENV_DATA_VOLUME] == "my-data"  # containers define the same app
         assert {k: os.environ.get(k) for k in custom} == before  # set only around the import
     finally:
@@ -147,7 +151,8 @@ def test_resource_dicts_are_valid_modal_settings(mapp):
         if "gpu" in res:
             assert res["gpu"].partition(":")[0] in MODAL_GPU_TYPES, (name, res["gpu"])
     assert "gpu" not in mapp.RESOURCES["process_shard"]  # preprocessing runs on CPU containers
-    assert mapp.RESOURCES["embed"]["gpu"] == mapp.RESOURCES["train"]["gpu"] == "H100"  # the default
+    assert "gpu" not in mapp.RESOURCES["train"]  # head training: one CPU thread on cached features
+    assert mapp.RESOURCES["embed"]["gpu"] == "H100"  # the default
     assert set(mapp.VOLUMES) == {"/data", "/output", "/checkpoints"}
     assert set(modal_run.KNOWN_GPUS) == MODAL_GPU_TYPES
 
@@ -186,14 +191,29 @@ def test_decorators_read_the_dicts(mapp):
         assert opts["timeout"] == res["timeout"] and opts["retries"] == res["retries"]
 
 
-def test_image_installs_the_project_dependencies(mapp):
+def test_image_installs_the_project_dependencies_pinned_to_the_versions_tested_here(mapp):
+    import importlib.metadata
+
     import tomllib
 
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {d.split(">")[0].split("<")[0].split("=")[0].strip().lower() for d in deps}
     names -= {"modal", "matplotlib"}  # the client; plots are drawn locally
-    installed = {p.split(">")[0].split("<")[0].split("=")[0].strip().lower() for p in mapp.PIP_PACKAGES}
-    assert names <= installed, names - installed
+    pins = dict(p.split("==") for p in mapp.PIP_PACKAGES)
+    assert set(pins) == names and len(pins) == len(mapp.PIP_PACKAGES), names ^ set(pins)
+    for name, version in pins.items():  # the cloud computes with exactly what the suite ran with
+        assert version == importlib.metadata.version(name).split("+")[0], name
+
+
+def test_modal_floor_is_the_first_release_with_function_env():
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    [modal_dep] = [d for d in deps if d.startswith("modal")]
+    assert modal_dep == "modal>=1.2"  # @app.function(env=...), which the app uses, arrived in 1.2
+    from modal import App
+
+    assert "env" in inspect.signature(App.function).parameters
 
 
 # ---- upload layout --------------------------------------------------------------------------
@@ -232,27 +252,41 @@ def test_upload_plan_is_self_contained(project, tmp_path):
 
 
 class FakeVolume:
-    """A local folder behind the parts of modal.Volume's API the driver uses."""
+    """A local folder behind the parts of modal.Volume's API the driver uses.
+
+    Like Modal's, a batch only queues files in ``put_file``; they are transferred (written,
+    and listed in ``landed``) when the batch's ``with`` block ends.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.puts: list[str] = []
+        self.landed: list[str] = []
+        self.batches = 0
 
     def batch_upload(self, force: bool = False):
         vol = self
 
         class _Batch:
+            def __init__(self):
+                self.queued = []
+
             def __enter__(self):
                 return self
 
             def __exit__(self, *exc):
+                if exc[0] is None:
+                    for src, remote in self.queued:
+                        target = vol.root / remote.lstrip("/")
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(src.read() if hasattr(src, "read") else Path(src).read_bytes())
+                        vol.landed.append(remote)
+                    vol.batches += 1
                 return False
 
             def put_file(self, src, remote):
                 vol.puts.append(remote)
-                target = vol.root / remote.lstrip("/")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(src.read() if hasattr(src, "read") else Path(src).read_bytes())
+                self.queued.append((src, remote))
 
         return _Batch()
 
@@ -288,10 +322,76 @@ def test_a_local_base_model_is_uploaded_once_a_hub_id_is_not(tiny_model_dir, tmp
     assert vol.puts == []
     where = modal_run.remote_base_model(mapp, str(tiny_model_dir))
     assert where.startswith("/data/models/") and vol.puts
+    assert where.endswith("/" + Path(tiny_model_dir).name)  # the folder's name, which LoRA configs are checked against
     remote = vol.root / where.removeprefix("/data/")
     assert (remote / "config.json").read_bytes() == (Path(tiny_model_dir) / "config.json").read_bytes()
     n = len(vol.puts)
     assert modal_run.remote_base_model(mapp, str(tiny_model_dir)) == where and len(vol.puts) == n  # once
+
+
+def test_the_upload_bar_counts_files_that_reached_the_volume_not_files_queued(project, tmp_path, mapp, monkeypatch):
+    reg, ds = project
+    vol = FakeVolume(tmp_path / "vol")
+    monkeypatch.setitem(mapp.VOLUMES, mapp.DATA_ROOT, vol)
+    monkeypatch.setattr(modal_run, "UPLOAD_BATCH_FILES", 4)
+    done = []
+
+    class Watching(RecordingProgress):
+        @contextlib.contextmanager
+        def task(self, description, total=None):
+            class _T:
+                def advance(self, n=1):
+                    done.append(n)
+                    assert sum(done) <= len(vol.landed), (sum(done), len(vol.landed))  # never ahead of transfers
+
+            yield _T()
+            self.tasks.append((description, total, sum(done)))
+
+    prog = Watching()
+    modal_run.upload_dataset(reg, ds, mapp=mapp, progress=prog)
+    [(what, total, advanced)] = prog.tasks
+    assert total == advanced == len(vol.landed) == len(vol.puts) and vol.batches == -(-total // 4) > 1
+    assert what.startswith(f"uploading {ds.name} to volume moe-lora-data (") and what.endswith(" MB)")
+    big = [("a", b"x" * 10), ("b", b"y" * 10), ("c", b"z")]
+    monkeypatch.setattr(modal_run, "UPLOAD_BATCH_BYTES", 15)
+    assert [[r for r, _ in part] for part in modal_run.upload_batches(big)] == [["a"], ["b", "c"]]
+
+
+def test_a_gpu_that_cannot_hold_the_base_model_is_refused_before_anything_runs(tmp_path, tiny_model_dir):
+    from vlrouter.core.registry import Registry
+
+    p = tmp_path / "registry.yaml"
+    p.write_text("base_model: Qwen/Qwen3-VL-8B-Instruct\nmodal:\n  gpu: T4\nadapters: []\n")
+    reg = Registry.load(p)
+    refused = (r"registry.yaml:3: modal.gpu: GPU T4 has 16 GB, but Qwen/Qwen3-VL-8B-Instruct needs about 20.3 GB "
+               r"\(17.5 GB of bfloat16 weights.*\(fix: choose a larger GPU, e.g. L4, L40S, A100-80GB, with modal.gpu "
+               r"in registry.yaml\)")
+    with pytest.raises(BackendError, match=refused):
+        modal_run.check_gpu_fits("T4", reg, field="modal.gpu", line=reg.line_of(("modal", "gpu")))
+    assert modal_run.check_gpu_fits("L4", reg, field="--gpu").startswith("L4 (24 GB) holds 17.5 GB")
+    assert modal_run.check_gpu_fits("H100:2", reg, field="--gpu").startswith("H100 (80 GB)")
+    with pytest.raises(BackendError, match=r"^--gpu: GPU L4 has 24 GB.*35.1 GB of float32"):  # fp32 doubles it
+        modal_run.check_gpu_fits("L4", reg, field="--gpu", dtype="float32")
+    p.write_text(f"base_model: {tiny_model_dir}\nadapters: []\n")  # a local folder: counted from its headers
+    assert "counted in" in modal_run.check_gpu_fits("T4", Registry.load(p), field="--gpu")
+    p.write_text("base_model: acme/other-vlm\nadapters: []\n")
+    assert modal_run.check_gpu_fits("T4", Registry.load(p), field="--gpu").startswith("GPU memory not checked")
+    assert set(modal_run.GPU_MEMORY_GB) == set(modal_run.KNOWN_GPUS)
+
+
+def test_retrain_with_a_too_small_gpu_fails_before_connecting(live_project, monkeypatch):
+    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-dummy")
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-dummy")
+    reg = live_project
+    reg.path.write_text(reg.path.read_text().replace(f"base_model: {reg.model.base_model}",
+                                                     "base_model: Qwen/Qwen3-VL-32B-Instruct"))
+    from vlrouter.core.registry import Registry
+
+    reg = Registry.load(reg.path)
+    prog = RecordingProgress()
+    with pytest.raises(BackendError, match=r"^--gpu: GPU L40S has 48 GB, but Qwen/Qwen3-VL-32B-Instruct needs"):
+        modal_run.retrain_modal(RetrainRequest(reg, resolve_options(reg, {"gpu": "L40S"}), progress=prog))
+    assert prog.messages == []  # refused before "Connecting to Modal…"
 
 
 def test_modal_failures_become_one_line_backend_errors():

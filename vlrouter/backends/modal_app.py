@@ -1,4 +1,4 @@
-"""The Modal app behind ``router retrain --backend modal``: processing, embedding, head training.
+"""The Modal app behind ``router retrain --backend modal``: processing, embedding (GPU), head training (CPU).
 
 What runs where (the seed's workflow, steps 3 and 4)::
 
@@ -8,7 +8,8 @@ What runs where (the seed's workflow, steps 3 and 4)::
     embed           one GPU: the frozen Qwen3-VL forwards the processed samples; pooled
                     features go into the content-addressed feature cache on the data volume
                     (/data/features/cache/<encoder fp>/...), so a re-run embeds only new samples
-    train           one GPU: head training, temperature calibration, evaluation; the candidate
+    train           one CPU container (the head trains on cached features in seconds, one
+                    thread): head training, temperature calibration, evaluation; the candidate
                     router (head.safetensors + router.json) goes to the output volume
                     (/output/routers/<run id>/), TensorBoard logs to /output/tensorboard/
 
@@ -26,7 +27,7 @@ module again):
     VLROUTER_MODAL_DATA_VOLUME         datasets + features (default "moe-lora-data")
     VLROUTER_MODAL_OUTPUT_VOLUME       routers             (default "routing-output")
     VLROUTER_MODAL_CHECKPOINTS_VOLUME  LoRA checkpoints    (default "moe-lora-checkpoints")
-    VLROUTER_MODAL_GPU                 GPU of embed/train  (default "H100")
+    VLROUTER_MODAL_GPU                 GPU of embed        (default "H100")
 
 Importing this module needs no network and no Modal credentials: volumes are looked up
 lazily (``Volume.from_name``), the image is built on the first ``app.run()``.
@@ -35,6 +36,7 @@ lazily (``Volume.from_name``), the image is built on the first ``app.run()``.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -100,26 +102,44 @@ MODELS_DIR = "models"
 HF_CACHE_DIR = "hf-cache"
 ROUTERS_DIR = "routers"
 
-# The project's runtime dependencies (pyproject.toml), installed into the image.
-PIP_PACKAGES = [
-    "torch>=2.4",
-    "transformers>=5,<6",
-    "peft>=0.17",
-    "tokenizers>=0.21",
-    "safetensors>=0.4",
-    "pillow>=10",
-    "numpy>=1.26",
-    "pydantic>=2.7",
-    "ruamel.yaml>=0.18",
-    "pluggy>=1.5",
-    "rich>=13",
-    "typer>=0.12",
-    "filelock>=3.12",
-    "tensorboard>=2.15",
-    "fastapi>=0.115",  # the server (vlrouter.serve), so the same image can serve the app
-    "uvicorn>=0.30",
-    "httpx>=0.27",
-]
+# The project's runtime dependencies (pyproject.toml) with their ranges; the image pins each to the version
+# installed here -- what the tests ran with -- so a cloud run computes with the same torch / transformers / peft
+# as a local one (the ranges apply only to a package missing here). Inside a container the pins read back the
+# same versions, so the container defines the same image.
+DEPENDENCIES = {
+    "torch": ">=2.4",
+    "transformers": ">=5,<6",
+    "peft": ">=0.17",
+    "tokenizers": ">=0.21",
+    "safetensors": ">=0.4",
+    "pillow": ">=10",
+    "numpy": ">=1.26",
+    "pydantic": ">=2.7",
+    "ruamel.yaml": ">=0.18",
+    "pluggy": ">=1.5",
+    "rich": ">=13",
+    "typer": ">=0.12",
+    "filelock": ">=3.12",
+    "tensorboard": ">=2.15",
+    "fastapi": ">=0.115",  # the server (vlrouter.serve): the serving containers use the same image
+    "uvicorn": ">=0.30",
+    "httpx": ">=0.27",
+}
+
+
+def pinned_packages(deps: dict[str, str] = DEPENDENCIES) -> list[str]:
+    """``name==version`` for each dependency, the version installed here (a local build tag such as torch's
+    ``+cpu`` dropped: the image takes the CUDA wheel of the same release)."""
+    out = []
+    for name, spec in deps.items():
+        try:
+            out.append(f"{name}=={importlib.metadata.version(name).split('+')[0]}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(f"{name}{spec}")
+    return out
+
+
+PIP_PACKAGES = pinned_packages()
 
 image = (
     modal.Image.debian_slim(python_version="3.11")
@@ -139,7 +159,8 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "process_shard": {"cpu": 2.0, "memory": 4096, "timeout": 1800, "retries": 2},
     # Qwen3-VL-8B in bf16 is ~17.5 GB of weights; from_pretrained stages them in host RAM.
     "embed": {"gpu": GPU, "cpu": 4.0, "memory": 32768, "timeout": 3600, "retries": 1},
-    "train": {"gpu": GPU, "cpu": 2.0, "memory": 8192, "timeout": 3600, "retries": 1},
+    # Head training reads cached features and fits on one CPU thread: no GPU to hold (and bill) meanwhile.
+    "train": {"cpu": 2.0, "memory": 8192, "timeout": 3600, "retries": 1},
 }
 
 # Which volumes each function mounts (keys of VOLUMES).

@@ -11,8 +11,8 @@
    retries an unreachable server for about a minute before it gives up.
 3. Inside ``modal.enable_output()`` and ``app.run()``: build the routing dataset here
    (the seed's step 1), upload it with its screenshots to the data volume (step 2),
-   ``process_shard`` over ``modal.cpu_shards`` CPU containers (step 3), ``embed`` and
-   ``train`` on a GPU (step 4), then download the candidate router from the output
+   ``process_shard`` over ``modal.cpu_shards`` CPU containers (step 3), ``embed`` on a
+   GPU and ``train`` on a CPU container (step 4), then download the candidate router from the output
    volume into a fresh version folder beside the live router.
 4. Return the candidate: :func:`vlrouter.core.recipe.run_retrain` applies the same eval
    gate and atomic promotion as for the local backend. The live router's accuracy on
@@ -40,6 +40,7 @@ from urllib.parse import urlparse
 from vlrouter.core.atomic import atomic_write_bytes
 from vlrouter.core.data import METADATA_FILE, SPLITS, load_routing_dataset, read_routing_split
 from vlrouter.core.errors import BackendError, DatasetError, RouterError, located
+from vlrouter.core.model_size import weight_bytes
 from vlrouter.core.progress import Progress, progress_or_null
 from vlrouter.core.recipe import Candidate, RetrainRequest, SplitFeatures, build_dataset
 from vlrouter.core.registry import Registry
@@ -59,6 +60,12 @@ CREDENTIALS_FIX = "run `modal token new`, or set MODAL_TOKEN_ID and MODAL_TOKEN_
 # Modal's GPU types (https://modal.com/docs/guide/gpu); "TYPE:N" asks for N of them.
 KNOWN_GPUS = ("T4", "L4", "A10", "A10G", "L40S", "A100", "A100-40GB", "A100-80GB", "RTX-PRO-6000",
               "H100", "H100!", "H200", "B200", "B200+")
+# Memory of one such GPU in GB (Modal's GPU guide). vlrouter puts the model on one GPU: ":N" adds none to it.
+GPU_MEMORY_GB = {"T4": 16, "L4": 24, "A10": 24, "A10G": 24, "L40S": 48, "A100": 40, "A100-40GB": 40, "A100-80GB": 80,
+                 "RTX-PRO-6000": 96, "H100": 80, "H100!": 80, "H200": 141, "B200": 180, "B200+": 180}
+GPU_HEADROOM = (1.10, 1.0)  # weights x 1.1 + 1 GB: CUDA context, LoRAs and the activations of small batches
+UPLOAD_BATCH_FILES = 64  # files per Modal upload batch: the progress bar advances as each batch lands
+UPLOAD_BATCH_BYTES = 512 << 20
 
 
 # ---- 1. credentials -----------------------------------------------------------------------
@@ -159,6 +166,33 @@ def validate_gpu(gpu: str, where: str = "modal.gpu") -> str:
     return known[name.upper()] + (f":{count}" if count else "")
 
 
+def check_gpu_fits(gpu: str, registry: Registry, *, field: str, line: int | None = None,
+                   dtype: str | None = None) -> str:
+    """Refuse a GPU that cannot hold the base model's weights (a located BackendError); say why it fits.
+
+    The weights' size comes from a local model's safetensors headers or the published
+    Qwen3-VL sizes (:mod:`vlrouter.core.model_size`); an unknown size skips the check (the
+    note says so). ``field`` names where the GPU was chosen (``--gpu``, ``modal.gpu``, ``serve.gpu``).
+    """
+    dtype = dtype or registry.model.router.dtype
+    dtype = "bfloat16" if dtype in ("auto", None) else dtype
+    size, how = weight_bytes(registry.base_model, dtype)
+    kind = gpu.partition(":")[0]
+    if size is None:
+        return f"GPU memory not checked: {how}"
+    need_gb = size / 1e9 * GPU_HEADROOM[0] + GPU_HEADROOM[1]
+    have = GPU_MEMORY_GB.get(kind)
+    if have is not None and need_gb > have:
+        bigger = [g for g in ("L4", "L40S", "A100-80GB", "H100", "H200", "B200") if GPU_MEMORY_GB[g] >= need_gb]
+        file = None if field.startswith("--") else registry.path
+        raise BackendError(located(file, field, f"GPU {gpu} has {have} GB, but {registry.model.base_model} needs about "
+                                   f"{need_gb:.1f} GB ({size / 1e9:.1f} GB of {dtype} weights, {how}, "
+                                   "plus headroom)", line=line,
+                                   fix=f"choose a larger GPU, e.g. {', '.join(bigger[:3]) or 'B200'}"
+                                       + ("" if field.startswith("--") else f", with {field} in registry.yaml")))
+    return f"{kind} ({have} GB) holds {size / 1e9:.1f} GB of weights ({how})"
+
+
 def app_settings(registry: Registry, gpu: str | None = None) -> dict[str, str]:
     """The ``VLROUTER_MODAL_*`` values for the app, from registry.yaml's ``modal:`` (and ``--gpu``)."""
     m = registry.model.modal
@@ -249,13 +283,36 @@ def stage_dataset(dataset_dir: str | Path, data_root: str | Path) -> str:
     return name
 
 
+def _size(src: Path | bytes) -> int:
+    return len(src) if isinstance(src, bytes) else Path(src).stat().st_size
+
+
+def upload_batches(plan: list[tuple[str, Path | bytes]]) -> list[list[tuple[str, Path | bytes]]]:
+    """``plan`` in batches of at most UPLOAD_BATCH_FILES files / UPLOAD_BATCH_BYTES bytes (a larger file alone)."""
+    batches: list[list[tuple[str, Path | bytes]]] = []
+    size = 0
+    for item in plan:
+        n = _size(item[1])
+        if not batches or len(batches[-1]) >= UPLOAD_BATCH_FILES or (batches[-1] and size + n > UPLOAD_BATCH_BYTES):
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        size += n
+    return batches
+
+
 def _upload_plan(volume, prefix: str, plan: list[tuple[str, Path | bytes]], progress: Progress | None,
                  what: str) -> None:
+    """Upload ``plan`` under ``prefix``. Modal transfers a batch when its ``with`` block ends, so the bar
+    advances by a batch's files only after that: it counts files that reached the volume."""
     prog = progress_or_null(progress)
-    with prog.task(what, total=len(plan)) as t, volume.batch_upload(force=True) as batch:
-        for rel, src in plan:
-            batch.put_file(io.BytesIO(src) if isinstance(src, bytes) else src, f"{prefix}/{rel}")
-            t.advance()
+    total = sum(_size(src) for _, src in plan)
+    with prog.task(f"{what} ({total / 1e6:.1f} MB)", total=len(plan)) as t:
+        for part in upload_batches(plan):
+            with volume.batch_upload(force=True) as batch:
+                for rel, src in part:
+                    batch.put_file(io.BytesIO(src) if isinstance(src, bytes) else src, f"{prefix}/{rel}")
+            t.advance(len(part))
 
 
 def upload_dataset(registry: Registry, dataset_dir: str | Path, *, progress: Progress | None = None,
@@ -292,12 +349,13 @@ def _model_slug(folder: Path) -> str:
 
 def remote_base_model(mapp, base_model: str, progress: Progress | None = None) -> str:
     """A hub id stays as it is (downloaded once into the volume's HF cache); a local model
-    folder is uploaded to the data volume (once per content) and named by its path there."""
+    folder is uploaded to the data volume (once per content) and named by its path there,
+    ``/models/<content hash>/<folder name>`` (the name LoRA configs are checked against)."""
     folder = Path(base_model)
     if not folder.is_dir():
         return base_model
     slug = _model_slug(folder)
-    prefix = f"/{mapp.MODELS_DIR}/{slug}"
+    prefix = f"/{mapp.MODELS_DIR}/{slug}/{folder.resolve().name}"
     vol = mapp.VOLUMES[mapp.DATA_ROOT]
     try:
         present = any(True for _ in vol.listdir(prefix))
@@ -377,6 +435,8 @@ def retrain_modal(request: RetrainRequest) -> Candidate:
     prog = progress_or_null(request.progress)
     registry, opts = request.registry, request.options
     settings = app_settings(registry, opts.gpu)
+    fits = check_gpu_fits(settings[ENV_GPU], registry, field="--gpu" if opts.gpu else "modal.gpu",
+                          line=None if opts.gpu else registry.line_of(("modal", "gpu")), dtype=opts.dtype)
     prog.log("Connecting to Modal…")
     probe_modal()
     mapp = load_app(settings)
@@ -415,7 +475,7 @@ def retrain_modal(request: RetrainRequest) -> Candidate:
                     max_prompt_tokens=opts.max_prompt_tokens)
             prog.log(f"features: embedded {embed_info['embedded_new']} new, "
                      f"reused {embed_info['reused_cached']} cached")
-            step = f"training the head on {gpu}"
+            step = "training the head on a CPU container"
             with prog.task(step, total=None):
                 tstats = mapp.train.remote(name, run_id, opts.model_dump(mode="json"), embed_info,
                                            registry_fingerprint=registry.fingerprint())
@@ -429,7 +489,7 @@ def retrain_modal(request: RetrainRequest) -> Candidate:
                         f.write(chunk)
                 features = SplitFeatures.from_file(local)
             features.stats.update(embedded_new=embed_info["embedded_new"], reused_cached=embed_info["reused_cached"])
-            modal_info = {"run_id": run_id, "app": mapp.APP_NAME, "gpu": gpu, "cpu_shards": shards,
+            modal_info = {"run_id": run_id, "app": mapp.APP_NAME, "gpu": gpu, "gpu_check": fits, "cpu_shards": shards,
                           "dataset": f"/{mapp.DATASETS_DIR}/{name}", "router": tstats["router_path"],
                           "volumes": {k: settings[k] for k in (ENV_DATA_VOLUME, ENV_OUTPUT_VOLUME,
                                                                ENV_CHECKPOINTS_VOLUME)},

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "vlrouter.cli.modal_cmds",  # upload-dataset
     "vlrouter.cli.seed_cmds",  # import-seed-head
     "vlrouter.cli.serve_cmds",  # serve
+    "vlrouter.cli.deploy_cmds",  # deploy
 )
 
 for _mod in COMMAND_MODULES:

@@ -31,10 +31,12 @@ from vlrouter.cli.options import (
     overrides,
 )
 from vlrouter.cli.ui import RichProgress, console, err_console, print_json
+from vlrouter.core.errors import GenerationServerError
 from vlrouter.core.options import resolve_options
 from vlrouter.core.recipe import RetrainResult, edit_adapters
 from vlrouter.core.registry import Registry
 from vlrouter.core.status import is_peft_dir, registry_status
+from vlrouter.core.vllm import sync_adapter
 from vlrouter.plugins.manager import (
     BUILTIN_PLUGINS,
     collect_adapters,
@@ -60,6 +62,18 @@ def _stale_hint(reg: Registry) -> None:
                       highlight=False, soft_wrap=True)
     else:
         console.print("no router trained yet: run `router retrain`", highlight=False, soft_wrap=True)
+
+
+def _sync_vllm(reg: Registry, name: str, *, added: bool) -> None:
+    """With engine.generation: vllm, load (unload) the adapter on the vLLM server too; a failure is a warning
+    (the registry and the router are already updated)."""
+    try:
+        message = sync_adapter(reg, name, added=added)
+    except GenerationServerError as e:
+        err_console.print(f"[yellow]warning:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return
+    if message:
+        console.print(message, highlight=False, soft_wrap=True)
 
 
 def _edit(new: Registry, *, retrain: bool, flags: dict[str, Any], force: bool) -> RetrainResult | None:
@@ -207,6 +221,7 @@ def add_adapter_cmd(
         _stale_hint(new)
     else:
         _report_retrain(result)
+    _sync_vllm(new, name, added=True)
     if not is_peft_dir(new.resolve(entry.checkpoint)):
         err_console.print(f"[yellow]note:[/] checkpoint {escape(str(new.resolve(entry.checkpoint)))} has no "
                           "adapter_config.json yet; routing works, but `router act` needs it", highlight=False,
@@ -238,6 +253,7 @@ def remove_adapter_cmd(
                    flags=overrides(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, backend=backend))
     console.print(f"removed {name!r} (was label {label}); {len(remaining)} adapters left: "
                   f"{', '.join(remaining) or 'none'}", highlight=False, soft_wrap=True)
+    _sync_vllm(new, name, added=False)
     if result is not None:
         _report_retrain(result)
         return

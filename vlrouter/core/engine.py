@@ -19,6 +19,12 @@ frozen base weights; the base weights exist once). Then, per call:
 3. **act_batch** -- routes every item in one forward, then ONE ``generate`` call with
    peft's mixed-adapter batch (``adapter_names=[...]``, ``"__base__"`` for the base).
 
+Scale (``engine:`` in registry.yaml): ``max_loaded_adapters: N`` keeps at most N LoRAs in
+the model (:class:`~vlrouter.core.residency.AdapterPool`: loaded on first use, least
+recently used evicted; a batch naming more is generated in groups of at most N);
+``generation: vllm`` routes here and generates on a vLLM server
+(:class:`~vlrouter.core.vllm.VLLMClient`), with no LoRA weights loaded locally.
+
 The image is encoded once per call: when the adapter used for generation has no LoRA
 weights inside the vision tower, the vision features (and Qwen3-VL's deepstack
 features) computed by the routing pass are handed to the generation pass instead of
@@ -40,6 +46,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -52,27 +59,20 @@ from vlrouter.core.errors import (
     LowConfidenceError,
     ModelLoadError,
     RegistryError,
-    RouterError,
     StaleRouterError,
     UnknownAdapterError,
     located,
 )
 from vlrouter.core.images import open_image
-from vlrouter.core.lora import (
-    AdapterSource,
-    check_adapter_checkpoint,
-    checkpoint_stamp,
-    delete_adapter,
-    load_adapter,
-    load_adapters,
-    vision_adapters,
-)
+from vlrouter.core.lora import AdapterSource, check_adapter_checkpoint, checkpoint_stamp
 from vlrouter.core.ood import OODModel
 from vlrouter.core.registry import Registry
+from vlrouter.core.residency import AdapterPool
 from vlrouter.core.results import BASE, Action, ReloadResult, Route
 from vlrouter.core.store import META_FILE, RouterMeta, check_router_for, read_router
 from vlrouter.core.views import TokenIds, encode_views, inner_vl_model, num_text_layers, resolve_layer, view_key
 from vlrouter.core.vision import reuse_image_features
+from vlrouter.core.vllm import VLLMClient
 from vlrouter.plugins.manager import get_plugin_manager, load_module_plugin, parse_action
 
 __all__ = ["BASE", "Action", "Engine", "ReloadResult", "Route"]
@@ -88,29 +88,34 @@ class Engine:
 
     The constructor takes already-loaded parts, for embedding the engine in a program
     that loads the model itself: ``model`` must be a ``PeftModel`` over Qwen3-VL holding
-    an adapter for each name in ``meta.adapters`` (see :func:`load_adapters`).
+    an adapter for each name in ``meta.adapters`` (see :func:`load_adapters`), or ``pool``
+    an :class:`AdapterPool` knowing each; with ``remote`` (a :class:`VLLMClient`) it is the
+    plain base model and generation runs on the vLLM server.
     """
 
     def __init__(self, model, processor, head, meta: RouterMeta, *, plugin_manager: pluggy.PluginManager | None = None,
-                 min_confidence: float = 0.0, fallback: str = "base", ood: OODModel | None = None) -> None:
+                 min_confidence: float = 0.0, fallback: str = "base", ood: OODModel | None = None,
+                 pool: AdapterPool | None = None, remote: VLLMClient | None = None) -> None:
         import torch
 
-        if not hasattr(model, "peft_config") or not hasattr(model, "disable_adapter"):
+        peft = hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+        if remote is None and not peft:
             raise InputError(located(None, "model", f"Engine needs a PeftModel holding the adapters, got "
                                      f"{type(model).__name__}",
                                      fix="build it with vlrouter.core.lora.load_adapters or Engine.from_registry"))
-        missing = [n for n in meta.adapters if n not in model.peft_config]
-        if missing:
-            raise InputError(located(None, "model", f"the router's adapters {missing} are not loaded in the model "
-                                     f"(loaded: {list(model.peft_config)})",
-                                     fix="load every adapter named in router.json"))
+        if remote is None:
+            pool = pool if pool is not None else AdapterPool(model)
+            missing = [n for n in meta.adapters if n not in pool.known]
+            if missing:
+                raise InputError(located(None, "model", f"the router's adapters {missing} are not loaded in the model "
+                                         f"(loaded: {pool.resident})", fix="load every adapter named in router.json"))
         if fallback not in FALLBACKS and fallback not in meta.adapters:
             raise InputError(located(None, "fallback", f"{fallback!r} is not 'base', 'error' or an adapter of the "
                                      f"router ({', '.join(meta.adapters)})", fix="pass one of those"))
         if not 0.0 <= float(min_confidence) <= 1.0:
             raise InputError(located(None, "min_confidence", f"{min_confidence} is outside [0, 1]",
                                      fix="pass a probability between 0 and 1"))
-        hidden = int(model.get_base_model().config.text_config.hidden_size)
+        hidden = int((model.get_base_model() if peft else model).config.text_config.hidden_size)
         if meta.hidden_size != hidden:
             raise StaleRouterError(located("router.json", "hidden_size", f"stale router: trained on features of size "
                                            f"{meta.hidden_size}, the base model's hidden size is {hidden}",
@@ -129,16 +134,17 @@ class Engine:
                                            f"but {self.representation.label} gives {width}",
                                            fix="run `router retrain`"))
         self.model = model
+        self._pool, self._remote = (None, remote) if remote is not None else (pool, None)
         self.processor = processor
         self.head = head.to("cpu").float().eval()
         self.meta = meta
         self.ood = ood
-        self.token_ids = TokenIds.of(model.get_base_model(), processor)
+        self.token_ids = TokenIds.of(self.base_model, processor)
         self.min_confidence = float(min_confidence)
         self.fallback = fallback
         self.plugin_manager = plugin_manager if plugin_manager is not None else get_plugin_manager()
         self._inner = inner_vl_model(model)
-        self.vision_adapters: frozenset[str] = frozenset(vision_adapters(model))
+        self.vision_adapters: frozenset[str] = self._pool.vision_adapters() if self._pool else frozenset()
         self.device = next(model.parameters()).device
         self._lock = threading.RLock()
         self._prep_lock = threading.Lock()
@@ -171,7 +177,8 @@ class Engine:
                           reg.line_of(("adapters", i, "checkpoint")))
             for i, a in enumerate(m.adapters)
         ]
-        for src in sources:
+        remote = VLLMClient.from_registry(reg) if m.engine.generation == "vllm" else None
+        for src in sources if remote is None else ():  # with vLLM the adapters live on the vLLM server
             check_adapter_checkpoint(src, [m.base_model, reg.base_model] if check_base_model else [])
         processor = load_processor(reg.base_model, revision=m.base_model_revision)
         set_prompt_token_limit(processor, m.router.max_prompt_tokens)
@@ -182,12 +189,12 @@ class Engine:
             raise StaleRouterError(located(reg.router_dir / META_FILE, "hidden_size",
                                            f"stale router: trained on features of size {meta.hidden_size}, "
                                            f"{m.base_model!r} has hidden size {hidden}", fix="run `router retrain`"))
-        model = load_adapters(base, sources)
+        pool = AdapterPool.load(base, sources, m.engine.max_loaded_adapters) if remote is None else None
         if plugin_manager is None:
             plugin_manager = get_plugin_manager(reg)
-        engine = cls(model, processor, router.head, meta, plugin_manager=plugin_manager,
+        engine = cls(pool.model if pool else base, processor, router.head, meta, plugin_manager=plugin_manager,
                      min_confidence=m.router.min_confidence, fallback=m.router.fallback,
-                     ood=router.ood if m.router.ood != "off" else None)
+                     ood=router.ood if m.router.ood != "off" else None, pool=pool, remote=remote)
         engine._note_sources(reg, sources, router.dir)  # for reload(): where this engine came from
         return engine
 
@@ -206,11 +213,23 @@ class Engine:
 
     @property
     def base_model(self):
-        """The one Qwen3-VL (``Qwen3VLForConditionalGeneration``) inside the PeftModel."""
-        return self.model.get_base_model()
+        """The one Qwen3-VL (``Qwen3VLForConditionalGeneration``), inside the PeftModel when there is one."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
+    def pool(self) -> AdapterPool | None:
+        """Which adapters are loaded (None with ``generation: vllm``: none are)."""
+        return self._pool
 
     # ---- preprocessing ------------------------------------------------------------------
-    def _prepare(self, items: Sequence[tuple[Any, str]]):
+    def _prepare(self, items: Sequence[tuple[Any, str]] | None, opened: tuple[list, list] | None = None):
+        """The processor's batch for ``items`` (or for already ``opened`` (images, prompts))."""
+        images, prompts = opened if opened is not None else self._open(items)
+        with self._prep_lock:
+            batch = build_inputs(self.processor, images, prompts)
+        return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+    def _open(self, items: Sequence[tuple[Any, str]]) -> tuple[list, list]:
         if not items:
             raise InputError(located(None, "items", "no (image, prompt) items given", fix="pass at least one"))
         images, prompts = [], []
@@ -222,9 +241,7 @@ class Engine:
             where = None if isinstance(image, (str, Path)) or len(items) == 1 else f"item {i} image"
             images.append(open_image(image, where=where))
             prompts.append(prompt)
-        with self._prep_lock:
-            batch = build_inputs(self.processor, images, prompts)
-        return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
+        return images, prompts
 
     # ---- routing ------------------------------------------------------------------------
     def _features(self, batch):
@@ -232,7 +249,7 @@ class Engine:
         layer, base model with adapters disabled, exactly as for training; the pass stops after that layer."""
         rep = self.representation
         wanted = tuple(dict.fromkeys(rep.views + (("image-std",) if self.ood is not None else ())))
-        with self.model.disable_adapter():
+        with self.model.disable_adapter() if self._pool is not None else nullcontext():
             views = encode_views(self.model, batch, [rep.layer], wanted, token_ids=self.token_ids)
         return rep.features(views), views.get(view_key("image-std", rep.layer))
 
@@ -313,11 +330,15 @@ class Engine:
         kw.update(generate_kwargs)
         return kw
 
-    def _generate(self, batch, adapters: Sequence[str], gen_kwargs: dict) -> list[str]:
-        """One ``generate`` call for the batch; ``adapters[i]`` is an adapter name or ``"base"``."""
+    def _generate(self, batch, adapters: Sequence[str], gen_kwargs: dict, opened: tuple[list, list]) -> list[str]:
+        """One ``generate`` call for the batch; ``adapters[i]`` is an adapter name or ``"base"``. With vLLM the
+        ``opened`` (images, prompts) go to the server instead, and the adapters need not be resident here."""
+        if self._remote is not None:
+            return self._remote.generate(*opened, adapters, gen_kwargs)
         torch = self._torch
         model = self.model
         uniq = set(adapters)
+        self._pool.ensure(uniq)
         with torch.inference_mode():
             if uniq == {BASE}:
                 with model.disable_adapter():
@@ -346,7 +367,8 @@ class Engine:
         """
         t0 = time.perf_counter()
         gen_kwargs = self._generation_kwargs(max_new_tokens, generate_kwargs)
-        batch = self._prepare([(image, prompt)])
+        opened = self._open([(image, prompt)])
+        batch = self._prepare(None, opened)
         with self._lock, reuse_image_features(self._inner) as reuse:
             if adapter is None:
                 route = self._routes(*self._features(batch))[0]
@@ -355,7 +377,7 @@ class Engine:
                 route = self._forced_route(adapter)
             t1 = time.perf_counter()
             reuse["enabled"] = adapter not in self.vision_adapters
-            text = self._generate(batch, [adapter], gen_kwargs)[0]
+            text = self._generate(batch, [adapter], gen_kwargs, opened)[0]
             t2 = time.perf_counter()
         parsed = self._parse(adapter, text)
         t3 = time.perf_counter()
@@ -373,7 +395,8 @@ class Engine:
         per-item :meth:`act`. One exception: when different adapters in the batch have
         weights inside the vision tower, peft cannot mix them there (the vision tower
         sees image patches, not batch rows, and peft refuses ``adapter_names``), so the
-        batch is generated in one call per adapter. ``adapters`` (one entry per item:
+        batch is generated in one call per adapter; likewise in calls of at most
+        ``engine.max_loaded_adapters`` adapters each when the rows name more. ``adapters`` (one entry per item:
         an adapter name, ``"base"``, or None to route) forces rows, as ``act(adapter=)``;
         the routing pass is skipped when every row is forced.
         """
@@ -384,23 +407,28 @@ class Engine:
         if len(forced) != len(items):
             raise InputError(f"got {len(forced)} adapters for {len(items)} items (fix: one entry per item, "
                              "None to route)")
-        batch = self._prepare(items)
+        opened = self._open(items)
+        batch = self._prepare(None, opened)
         with self._lock, reuse_image_features(self._inner) as reuse:
             routed = self._routes(*self._features(batch)) if None in forced else [None] * len(items)
             routes = [r if f is None else self._forced_route(f) for r, f in zip(routed, forced)]
             chosen = [self._decide(r, i) if f is None else r.adapter for i, (r, f) in enumerate(zip(routes, forced))]
             t1 = time.perf_counter()
             touches_vision = bool(set(chosen) & self.vision_adapters)
-            reuse["enabled"] = not touches_vision
-            if touches_vision and len(set(chosen)) > 1:
-                texts: list[str] = [""] * len(items)
-                for name in dict.fromkeys(chosen):
-                    idx = [i for i, a in enumerate(chosen) if a == name]
-                    sub = self._prepare([items[i] for i in idx])
-                    for i, t in zip(idx, self._generate(sub, [name] * len(idx), gen_kwargs)):
+            groups = self._pool.groups(chosen) if self._pool is not None else [list(range(len(items)))]
+            if touches_vision and len(set(chosen)) > 1:  # one call per adapter (see above)
+                groups = [[i for i in idx if chosen[i] == a] for idx in groups
+                          for a in dict.fromkeys(chosen[i] for i in idx)]
+            reuse["enabled"] = not touches_vision and len(groups) == 1
+            if len(groups) == 1:
+                texts = self._generate(batch, chosen, gen_kwargs, opened)
+            else:  # each group in a batch of its own (its rows' pixels prepared again)
+                texts = [""] * len(items)
+                for idx in groups:
+                    sub = ([opened[0][i] for i in idx], [opened[1][i] for i in idx])
+                    for i, t in zip(idx, self._generate(self._prepare(None, sub), [chosen[i] for i in idx],
+                                                        gen_kwargs, sub)):
                         texts[i] = t
-            else:
-                texts = self._generate(batch, chosen, gen_kwargs)
             t2 = time.perf_counter()
         parsed = [self._parse(a, t) for a, t in zip(chosen, texts)]
         t3 = time.perf_counter()
@@ -437,7 +465,6 @@ class Engine:
     def _note_sources(self, reg: Registry, sources: Sequence[AdapterSource], version: str | Path | None = None) -> None:
         self.registry_path = reg.path
         self._router_version = str(version or os.path.realpath(reg.router_dir))
-        self._adapter_stamps = {s.name: checkpoint_stamp(s.path) for s in sources}
 
     def reload(self, registry: str | Path | Registry | None = None, *, check_base_model: bool = True) -> ReloadResult:
         """Switch to registry.yaml's live router without a restart (what ``router serve`` does on promotion).
@@ -466,9 +493,9 @@ class Engine:
         sources = [AdapterSource(a.name, reg.resolve(a.checkpoint), reg.path, f"adapters[{i}].checkpoint",
                                  reg.line_of(("adapters", i, "checkpoint")))
                    for i, a in enumerate(m.adapters)]
-        stamps = self.__dict__.get("_adapter_stamps", {})
-        for src in sources:
-            if src.name not in self.model.peft_config or stamps.get(src.name) != checkpoint_stamp(src.path):
+        stamps, known = (self._pool.stamps, self._pool.known) if self._pool is not None else ({}, None)
+        for src in sources if known is not None else ():  # with vLLM the adapters live on the vLLM server
+            if src.name not in known or stamps.get(src.name) != checkpoint_stamp(src.path):
                 check_adapter_checkpoint(src, [m.base_model, reg.base_model] if check_base_model else [])
         for i, entry in enumerate(m.adapters):
             if entry.plugin:
@@ -487,11 +514,13 @@ class Engine:
 
         ``sources`` names the checkpoint of every adapter in ``meta.adapters``. Under the
         model lock (a call in flight finishes first; calls arriving meanwhile wait): load
-        the adapters the model lacks into the running ``PeftModel``, reload those whose
-        checkpoint files changed, check the new router against the model exactly as the
-        constructor does, drop the adapters the new router no longer names, then switch
-        head, representation, labels, OOD threshold and fallback at once. If a load or
-        check fails, the added adapters are removed again and the old router stays.
+        the adapters the model lacks into the running ``PeftModel`` (under
+        ``engine.max_loaded_adapters`` they become known, loaded on first use), reload
+        resident ones whose checkpoint files changed, check the new router against the
+        model exactly as the constructor does, drop the adapters the new router no longer
+        names, then switch head, representation, labels, OOD threshold and fallback at
+        once. If a load or check fails, the pool is put back and the old router stays.
+        With vLLM generation no LoRA is loaded here: only the router changes.
         """
         by_name = {s.name: s for s in sources}
         missing = [n for n in meta.adapters if n not in by_name]
@@ -501,50 +530,31 @@ class Engine:
         min_confidence = self.min_confidence if min_confidence is None else min_confidence
         fallback = self.fallback if fallback is None else fallback
         with self._lock:
-            model = self.model
-            stamps = dict(self.__dict__.get("_adapter_stamps", {}))
-            new = [by_name[n] for n in meta.adapters if n not in model.peft_config]
-            changed = [by_name[n] for n in meta.adapters if n in model.peft_config and n in stamps
-                       and stamps[n] != checkpoint_stamp(by_name[n].path)]
-            dropped = [n for n in model.peft_config if n not in meta.adapters]
-            loaded: list[str] = []
+            pool = self._pool
+            snap = pool.snapshot() if pool is not None else None
             try:
-                for src in changed:  # same name, new weights: drop the old ones, load the new
-                    delete_adapter(model, src.name)
-                    loaded.append(src.name)
-                    load_adapter(model, src)
-                for src in new:
-                    loaded.append(src.name)
-                    load_adapter(model, src)
-                checked = Engine(model, self.processor, head, meta, plugin_manager=self.plugin_manager,
-                                 min_confidence=min_confidence, fallback=fallback, ood=ood)
+                if pool is not None:
+                    new, changed, dropped = pool.update([by_name[n] for n in meta.adapters])
+                else:
+                    new = [n for n in meta.adapters if n not in self.meta.adapters]
+                    changed, dropped = [], [n for n in self.meta.adapters if n not in meta.adapters]
+                checked = Engine(self.model, self.processor, head, meta, plugin_manager=self.plugin_manager,
+                                 min_confidence=min_confidence, fallback=fallback, ood=ood, pool=pool,
+                                 remote=self._remote)
             except BaseException:
-                for name in loaded:
-                    if name in model.peft_config:
-                        delete_adapter(model, name)
-                for src in changed:  # put the old weights back (best effort: their files may be gone)
-                    try:
-                        load_adapter(model, AdapterSource(src.name, Path(stamps[src.name][0])))
-                    except RouterError:
-                        pass
+                if pool is not None:
+                    pool.restore(snap)
                 raise
-            for name in dropped:
-                delete_adapter(model, name)
-            model.eval()
-            model.requires_grad_(False)
+            if pool is not None:
+                pool.drop(dropped)
             self.head, self.meta, self.ood = checked.head, checked.meta, checked.ood
             self.representation = checked.representation
             self.min_confidence, self.fallback = checked.min_confidence, checked.fallback
-            self.vision_adapters = frozenset(vision_adapters(model))
-            for name in dropped:
-                stamps.pop(name, None)
-            for src in [*changed, *new]:
-                stamps[src.name] = checkpoint_stamp(src.path)
-            self._adapter_stamps = stamps
+            self.vision_adapters = pool.vision_adapters() if pool is not None else frozenset()
             if version is not None:
                 self._router_version = str(version)
         return ReloadResult(router=None if version is None else str(version), adapters=list(meta.adapters),
-                            added=[s.name for s in new], removed=dropped, replaced=[s.name for s in changed])
+                            added=new, removed=dropped, replaced=changed)
 
 
 def _same_path(a: str, b: str) -> bool:

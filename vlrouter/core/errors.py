@@ -104,3 +104,11 @@ class LowConfidenceError(RouterError):
 
 class UnknownAdapterError(InputError):
     """A caller named an adapter the router does not have (e.g. a forced ``adapter=`` or a server ``model``)."""
+
+
+class GenerationServerError(RouterError):
+    """The generation server (``engine.generation: vllm``) is down, refused a request, or does not serve an adapter."""
+
+
+class GenerationTimeout(GenerationServerError):
+    """The generation server did not answer within ``engine.vllm_timeout``."""

@@ -233,3 +233,14 @@ def delete_adapter(model, name: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft warns when the active adapter is deleted: we never rely on it
         model.delete_adapter(name)
+
+
+def touches_vision(src: AdapterSource) -> bool:
+    """Whether a checkpoint has LoRA weights inside the vision tower (from its key names; nothing is loaded)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(src.path / WEIGHTS_FILE), framework="pt") as f:
+            return any(".visual." in k for k in f.keys())  # noqa: SIM118 (safe_open: no __iter__)
+    except (SafetensorError, OSError, ValueError):
+        return False  # the load reports a damaged file, with its path

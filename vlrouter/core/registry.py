@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.reader import ReaderError
@@ -25,6 +25,8 @@ from ruamel.yaml.reader import ReaderError
 from vlrouter.core.atomic import atomic_write_bytes  # noqa: F401  (re-exported: callers use registry.atomic_write_bytes)
 from vlrouter.core.errors import RegistryError, located
 from vlrouter.core.paths import check_regular_file, looks_like_local_path
+from vlrouter.core.sections import SECTION_FIXES, EngineSection, ServeSection
+from vlrouter.core.sections import Strict as _Strict
 from vlrouter.core.views import VIEWS
 from vlrouter.core.yamldoc import (
     check_expansion,
@@ -60,12 +62,6 @@ def adapter_name_problem(name: str) -> str | None:
         return (f"adapter name {name!r} is part of peft's parameter prefix {PEFT_PREFIX!r}, which makes peft "
                 "re-initialise its weights")
     return None
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
 
 
 class RouterSection(_Strict):
@@ -169,6 +165,8 @@ class RegistryModel(_Strict):
     router: RouterSection = Field(default_factory=RouterSection)
     train: TrainSection = Field(default_factory=TrainSection)
     modal: ModalSection = Field(default_factory=ModalSection)
+    engine: EngineSection = Field(default_factory=EngineSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
     adapters: list[AdapterEntry] = Field(default_factory=list)
 
     @field_validator("adapters", mode="before")
@@ -228,7 +226,7 @@ def _fix_for(err: dict, loc: tuple) -> str:
         return "write auto, or a layer number (1 = the first decoder layer; -1 = the last)"
     if loc and loc[-1] == "fallback":
         return "use base, error, or the name of an adapter listed under adapters:"
-    return "correct the value"
+    return SECTION_FIXES.get(tuple(loc[-2:]), "correct the value")
 
 
 class Registry:

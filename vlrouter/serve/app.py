@@ -385,6 +385,7 @@ def create_app(engine_or_registry: Engine | str | Path, settings: ServeSettings 
         if state.ready and state.engine is not None:
             e = state.engine
             return {"status": "ready", "router": e.router_version, "adapters": e.adapters,
+                    "resident_adapters": e.pool.resident if e.pool is not None else None,
                     "queue_depth": state.batcher.depth if state.batcher else 0,
                     "last_reload_error": state.watcher.last_error if state.watcher else None}
         if state.load_error:

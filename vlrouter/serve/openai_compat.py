@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlrouter.core.errors import (
+    GenerationServerError,
+    GenerationTimeout,
     ImageError,
     InputError,
     LowConfidenceError,
@@ -67,6 +69,10 @@ def from_router_error(e: RouterError) -> APIError:
         return APIError(422, str(e), code="low_confidence")
     if isinstance(e, InputError):
         return APIError(400, str(e), code="invalid_request")
+    if isinstance(e, GenerationServerError):  # vLLM (engine.generation: vllm): down, timed out, refused
+        timeout = isinstance(e, GenerationTimeout)
+        return APIError(504 if timeout else 502, str(e), type="server_error",
+                        code="generation_timeout" if timeout else "generation_server_error")
     return APIError(500, str(e), type="server_error", code=type(e).__name__)
 
 

@@ -1,0 +1,232 @@
+"""engine.generation: vllm -- routing in-process on the base model, generation on a (stand-in) vLLM server."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: engine_helpers, vllm_standin
+import engine_helpers as H
+from vllm_standin import StandIn, free_port, run_standin, standin_text
+
+from vlrouter.core.engine import Engine
+from vlrouter.core.errors import GenerationServerError, GenerationTimeout, RegistryError, UnknownAdapterError
+from vlrouter.core.images import open_image
+from vlrouter.core.registry import Registry
+from vlrouter.core.vllm import VLLMClient, sync_adapter
+
+MAX_NEW = 6
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir, tiny_encoder):
+    """The three adapters + a router; registry.yaml generates locally."""
+    root = tmp_path_factory.mktemp("vllm-project")
+    return H.make_project(root, tiny_model_dir, encoder=tiny_encoder)
+
+
+@pytest.fixture(scope="module")
+def local(project):
+    return Engine.from_registry(project, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def items():
+    return [(img, prompt) for img, prompt, _ in H.samples()]
+
+
+def _vllm_registry(project: Path, url: str, name: str = "vllm.yaml", **engine) -> Path:
+    lines = ["engine:", "  generation: vllm", f"  vllm_url: {url}"] + [f"  {k}: {v}" for k, v in engine.items()]
+    path = project.parent / name
+    path.write_text(project.read_text() + "\n".join(lines) + "\n")
+    return path
+
+
+def _served(project: Path) -> dict[str, str]:
+    reg = Registry.load(project)
+    return {a.name: str(reg.resolve(a.checkpoint)) for a in reg.adapters}
+
+
+@pytest.fixture(scope="module")
+def standin(project):
+    with run_standin(StandIn(loras=_served(project))) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def remote(project, standin):
+    return Engine.from_registry(_vllm_registry(project, standin.url), device="cpu")
+
+
+def _lora_params(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_routing_stays_in_process_and_no_lora_weights_are_loaded(remote, local, items):
+    assert remote.pool is None and not hasattr(remote.model, "peft_config") and _lora_params(remote.model) == 0
+    assert type(remote.model).__name__ == "Qwen3VLForConditionalGeneration"
+    for img, prompt in items:
+        a, b = remote.route(img, prompt), local.route(img, prompt)
+        assert a.adapter == b.adapter and a.probs == pytest.approx(b.probs, abs=1e-5)
+
+
+def test_act_sends_the_screenshot_and_instruction_to_the_routed_adapter(remote, local, standin, items):
+    standin.requests.clear()
+    standin.images.clear()
+    for img, prompt in items:
+        action = remote.act(img, prompt, max_new_tokens=MAX_NEW)
+        assert action.adapter == local.route(img, prompt).adapter
+        assert action.text == standin_text(action.adapter, prompt)
+        assert action.action is not None and action.action.name == "click"  # the adapter's plugin parsed it
+    assert not standin.violations
+    bodies = [r["body"] for r in standin.requests if r["path"] == "/v1/chat/completions"]
+    assert len(bodies) == len(items)
+    for body, (_, prompt) in zip(bodies, items):
+        parts = body["messages"][-1]["content"]
+        assert [p["type"] for p in parts] == ["image_url", "text"] and parts[1]["text"] == prompt
+        assert body["max_tokens"] == MAX_NEW and body["temperature"] == 0.0 and body["n"] == 1
+    for sent, (img, _) in zip(standin.images, items):  # lossless: the pixels the router saw
+        assert sent.convert("RGB").tobytes() == open_image(img).tobytes()
+
+
+def test_act_batch_base_fallback_and_sampling_settings(remote, standin, items):
+    standin.requests.clear()
+    forced = ["base", "calendar", None, "provider-select", None, "claim-window"]
+    actions = remote.act_batch(items, max_new_tokens=MAX_NEW, adapters=forced)
+    for a, (_, prompt), f in zip(actions, items, forced):
+        model = standin.base if a.adapter == "base" else a.adapter
+        assert a.text == standin_text(model, prompt) and (f is None or a.adapter == f)
+    assert sorted(r["body"]["model"] for r in standin.requests) == sorted(
+        standin.base if a.adapter == "base" else a.adapter for a in actions)
+    standin.requests.clear()
+    remote.act(*items[0], max_new_tokens=3, do_sample=True, temperature=0.7, top_p=0.9)
+    body = standin.requests[-1]["body"]
+    assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.7, 0.9, 3)
+    assert not standin.violations
+
+
+def test_a_server_that_is_down_is_a_located_error_naming_engine_vllm_url(project, items):
+    url = f"http://127.0.0.1:{free_port()}"
+    engine = Engine.from_registry(_vllm_registry(project, url, "down.yaml"), device="cpu")
+    t0 = time.perf_counter()
+    with pytest.raises(GenerationServerError, match=rf"down\.yaml:\d+: engine\.vllm_url: vLLM at {url}: cannot "
+                                                    r"connect .*\(fix: start the vLLM server"):
+        engine.act(*items[0], max_new_tokens=MAX_NEW)
+    assert time.perf_counter() - t0 < 5
+    assert engine.route(*items[0]).adapter  # routing does not need the server
+
+
+def test_an_adapter_the_server_does_not_serve_is_a_located_error_with_the_fix(project, items):
+    with run_standin(StandIn(loras={"calendar": "/x"})) as s:
+        engine = Engine.from_registry(_vllm_registry(project, s.url, "partial.yaml"), device="cpu")
+        with pytest.raises(GenerationServerError, match=r"partial\.yaml:\d+: engine\.vllm_url: .*does not serve "
+                                                        r"adapter 'claim-window'.*--lora-modules claim-window=PATH"):
+            engine.act(*items[0], max_new_tokens=MAX_NEW, adapter="claim-window")
+        assert engine.act(*items[0], max_new_tokens=MAX_NEW, adapter="calendar").text
+        with pytest.raises(UnknownAdapterError):  # not the router's: refused before any request
+            engine.act(*items[0], max_new_tokens=MAX_NEW, adapter="nope")
+        assert not s.violations
+
+
+def test_a_slow_server_times_out_and_an_error_answer_is_reported(project, items):
+    with run_standin(StandIn(loras=_served(project), delay_s=3.0)) as s:
+        engine = Engine.from_registry(_vllm_registry(project, s.url, "slow.yaml", vllm_timeout=0.5), device="cpu")
+        t0 = time.perf_counter()
+        with pytest.raises(GenerationTimeout, match=r"no answer to POST /v1/chat/completions within 0\.5 s "
+                                                    r"\(fix: raise engine\.vllm_timeout"):
+            engine.act(*items[0], max_new_tokens=MAX_NEW)
+        assert time.perf_counter() - t0 < 3
+        s.delay_s, s.fail_status = 0.0, 500
+        with pytest.raises(GenerationServerError, match=r"answered HTTP 500: CUDA out of memory \(stand-in\)"):
+            engine.act(*items[0], max_new_tokens=MAX_NEW)
+
+
+def test_the_registry_needs_a_url_for_vllm_generation(tmp_path):
+    p = tmp_path / "registry.yaml"
+    p.write_text("base_model: x\nengine:\n  generation: vllm\nadapters: []\n")
+    with pytest.raises(RegistryError, match=r"registry.yaml:\d+: engine.vllm_url: required when engine.generation is "
+                                            r"vllm .*\(fix: write the vLLM server's address"):
+        Registry.load(p)
+
+
+def test_runtime_lora_updates_load_and_unload_adapters(project, tmp_path, tiny_model_dir):
+    ck = H.make_lora_adapters(tiny_model_dir, tmp_path / "ck", ["settings-toggle"])["settings-toggle"]
+    with run_standin(StandIn(loras=_served(project), runtime_updates=True)) as s:
+        client = VLLMClient(s.url + "/v1")  # a trailing /v1 is the same server
+        assert "settings-toggle" not in client.served()
+        msg = client.load_lora("settings-toggle", client.lora_path("settings-toggle", ck))
+        assert msg.startswith("loaded adapter 'settings-toggle'") and s.loras["settings-toggle"] == str(ck.resolve())
+        assert client.model_for("settings-toggle") == "settings-toggle"
+        assert "already serves" in client.load_lora("settings-toggle", str(ck))
+        with pytest.raises(GenerationServerError, match="refused to load adapter 'x' .*HTTP 404: No adapter found"):
+            client.load_lora("x", str(tmp_path / "missing"))
+        assert client.unload_lora("settings-toggle").startswith("unloaded")
+        assert "did not serve" in client.unload_lora("settings-toggle")
+        assert not s.violations
+    refused = r"does not allow runtime LoRA updates .*VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
+    with run_standin(StandIn(runtime_updates=False)) as s, pytest.raises(GenerationServerError, match=refused):
+        VLLMClient(s.url).load_lora("settings-toggle", str(ck))
+
+
+def test_add_and_remove_adapter_load_and_unload_it_on_the_vllm_server(project, tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    import vlrouter.cli.main  # noqa: F401  (attaches every command)
+    from vlrouter.cli.app import app
+
+    root = tmp_path / "p"
+    H.make_lora_adapters(tiny_model_dir, root / "served", ["settings-toggle"])  # where "the server" sees it
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "train.jsonl").write_text("")
+    reg = root / "registry.yaml"
+    base = project.read_text().replace("checkpoints/", str(project.parent / "checkpoints") + "/")
+    add = ["add-adapter", "settings-toggle", "--no-retrain", "--dataset", str(root / "data/train.jsonl"),
+           "--checkpoint", str(project.parent / "checkpoints/calendar"), "--registry", str(reg)]
+    with run_standin(StandIn(loras=_served(project), runtime_updates=True)) as s:
+        reg.write_text(base + f"engine:\n  generation: vllm\n  vllm_url: {s.url}\n  vllm_lora_dir: served\n")
+        res = CliRunner().invoke(app, add)
+        assert res.exit_code == 0, res.output
+        assert "loaded adapter 'settings-toggle' into vLLM" in res.output
+        assert s.loras["settings-toggle"] == str(root / "served" / "settings-toggle")  # engine.vllm_lora_dir/NAME
+        res = CliRunner().invoke(app, ["remove-adapter", "settings-toggle", "--no-retrain", "--registry", str(reg)])
+        assert res.exit_code == 0, res.output
+        assert "unloaded adapter 'settings-toggle'" in res.output and "settings-toggle" not in s.loras
+        assert not s.violations
+    with run_standin(StandIn(loras=_served(project), runtime_updates=False)) as s:  # no runtime updates: a warning
+        reg.write_text(base + f"engine:\n  generation: vllm\n  vllm_url: {s.url}\n")
+        res = CliRunner().invoke(app, add)
+        assert res.exit_code == 0, res.output  # the registry edit stands
+        assert "warning" in res.output and "does not allow runtime LoRA updates" in res.output
+        assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in res.output
+        assert "settings-toggle" in Registry.load(reg).adapter_names
+    assert sync_adapter(Registry.load(project), "calendar", added=True) is None  # local generation: nothing to do
+
+
+def test_router_serve_answers_502_with_the_located_message_when_vllm_is_down(project, items):
+    import base64
+    import io
+
+    import httpx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
+    from serve_helpers import run_server
+
+    from vlrouter.serve import ServeSettings
+
+    url = f"http://127.0.0.1:{free_port()}"
+    engine = Engine.from_registry(_vllm_registry(project, url, "down-serve.yaml"), device="cpu")
+    buf = io.BytesIO()
+    items[0][0].save(buf, format="PNG")
+    with run_server(engine, ServeSettings(reload_interval_s=0)) as srv:
+        r = httpx.post(srv.url + "/v1/act", json={"image": base64.b64encode(buf.getvalue()).decode(),
+                                                  "prompt": items[0][1]}, timeout=30)
+        assert r.status_code == 502, r.text
+        err = r.json()["error"]
+        assert err["code"] == "generation_server_error" and "engine.vllm_url" in err["message"]
+        assert "Traceback" not in r.text
+        r = httpx.post(srv.url + "/v1/route", json={"image": base64.b64encode(buf.getvalue()).decode(),
+                                                    "prompt": items[0][1]}, timeout=30)
+        assert r.status_code == 200  # routing still works
