@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,14 @@ def test_core_imports_nothing_from_backends_cli_serve_or_demo():
         if mod.startswith("vlrouter.core"):
             bad = [d for d in deps if d.split(".")[1:2] in (["backends"], ["cli"], ["serve"], ["demo"])]
             assert not bad, (mod, bad)
+
+
+def test_core_does_not_even_name_backends_or_cli():
+    """The issue's own check: `grep -rn "vlrouter.backends\\|vlrouter.cli" vlrouter/core` finds nothing."""
+    pattern = re.compile(r"vlrouter.backends|vlrouter.cli")
+    hits = [f"{p}:{n}" for p in sorted((PKG / "core").rglob("*.py"))
+            for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not hits, hits
 
 
 def test_no_two_modules_import_each_other_directly_or_through_others():

@@ -1,4 +1,4 @@
-"""Typed errors. Library code raises these; only ``vlrouter.cli`` prints them and exits.
+"""Typed errors. Library code raises these; only the CLI (``cli/``) prints them and exits.
 
 Every message should name *where* (file, line or field) and *what to do*. Build them
 with :func:`located` so the shape stays the same everywhere:

@@ -6,7 +6,7 @@ Library functions take ``progress: Progress | None`` and use::
         ...; t.advance(k)
     progress.log("embedded 12 new, reused 88")   # a one-line status message
 
-The CLI passes :class:`vlrouter.cli.ui.RichProgress`; tests pass :class:`RecordingProgress`
+The CLI passes its rich renderer (``RichProgress`` in ``cli/ui.py``); tests pass :class:`RecordingProgress`
 or nothing.
 """
 

@@ -1,6 +1,6 @@
 """What the engine answers: Route (which adapter, how sure, how familiar the input) and Action (what it did).
 
-Plain data, no torch: the HTTP client (:mod:`vlrouter.client`) builds the same types from
+Plain data, no torch: the HTTP client (``client.py``, ``RouterClient``) builds the same types from
 JSON without loading a model. ``to_dict()`` gives JSON-safe dicts.
 """
 
