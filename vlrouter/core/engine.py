@@ -64,7 +64,7 @@ from vlrouter.core.errors import (
     located,
 )
 from vlrouter.core.images import open_image
-from vlrouter.core.lora import AdapterSource, check_adapter_checkpoint, checkpoint_stamp
+from vlrouter.core.lora import AdapterSource, activate, adapters_off, check_adapter_checkpoint, checkpoint_stamp
 from vlrouter.core.ood import OODModel
 from vlrouter.core.registry import Registry
 from vlrouter.core.residency import AdapterPool
@@ -249,7 +249,7 @@ class Engine:
         layer, base model with adapters disabled, exactly as for training; the pass stops after that layer."""
         rep = self.representation
         wanted = tuple(dict.fromkeys(rep.views + (("image-std",) if self.ood is not None else ())))
-        with self.model.disable_adapter() if self._pool is not None else nullcontext():
+        with adapters_off(self.model) if self._pool is not None else nullcontext():
             views = encode_views(self.model, batch, [rep.layer], wanted, token_ids=self.token_ids)
         return rep.features(views), views.get(view_key("image-std", rep.layer))
 
@@ -341,10 +341,10 @@ class Engine:
         self._pool.ensure(uniq)
         with torch.inference_mode():
             if uniq == {BASE}:
-                with model.disable_adapter():
+                with adapters_off(model):
                     out = model.generate(**batch, **gen_kwargs)
             elif len(uniq) == 1:
-                model.set_adapter(adapters[0], inference_mode=True)
+                activate(model, adapters[0])
                 out = model.generate(**batch, **gen_kwargs)
             else:
                 names = [PEFT_BASE if a == BASE else a for a in adapters]

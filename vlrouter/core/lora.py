@@ -11,7 +11,8 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,7 @@ def checkpoint_stamp(path: Path) -> tuple:
 
 def load_adapter(model, src: AdapterSource) -> None:
     """Load one more PEFT checkpoint into a running ``PeftModel`` (errors as :func:`load_adapters`'s)."""
+    model.__dict__.pop("_vlrouter_switchable", None)  # the fast switches walk the model again
     device = str(next(model.parameters()).device)
     fix = "use an adapter trained for this base model (or retrain it on it)"
     with warnings.catch_warnings():
@@ -230,9 +232,74 @@ def load_adapter(model, src: AdapterSource) -> None:
 
 def delete_adapter(model, name: str) -> None:
     """Drop one adapter's LoRA weights from a running ``PeftModel`` (another adapter becomes the active one)."""
+    model.__dict__.pop("_vlrouter_switchable", None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft warns when the active adapter is deleted: we never rely on it
         model.delete_adapter(name)
+
+
+def _switchable_layers(model) -> list | None:
+    """Every LoRA layer of ``model``, or None when something besides LoRA layers takes part (``modules_to_save``
+    wrappers, a merged layer, weights that train): then only peft's own, slower switches are right. Walking the
+    model is itself O(adapters), so the answer is kept on the model until its set of adapters changes."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    key = tuple((name, id(config)) for name, config in model.peft_config.items())
+    kept = getattr(model, "_vlrouter_switchable", None)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    layers: list | None = []
+    for m in model.modules():
+        if isinstance(m, AuxiliaryTrainingWrapper):
+            layers = None
+            break
+        if isinstance(m, BaseTunerLayer):
+            if m.merged or any(p.requires_grad for p in m.parameters()):
+                layers = None
+                break
+            layers.append(m)
+    model._vlrouter_switchable = (key, layers)
+    return layers
+
+
+@contextmanager
+def adapters_off(model) -> Iterator[None]:
+    """The exact base model inside the block, as ``model.disable_adapter()``, in time independent of the adapter count.
+
+    peft's context walks every adapter of every LoRA layer twice (requires_grad bookkeeping, a status report), so
+    with 256 adapters resident a routing pass took 10x longer. Here every weight is frozen: the same per-layer flag
+    is flipped and restored, nothing else.
+    """
+    layers = _switchable_layers(model)
+    if layers is None:
+        with model.disable_adapter():
+            yield
+        return
+    before = [m._disable_adapters for m in layers]
+    was = model._adapters_disabled
+    for m in layers:
+        m._disable_adapters = True
+    model._adapters_disabled = True
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m._disable_adapters = b
+        model._adapters_disabled = was
+
+
+def activate(model, name: str) -> None:
+    """``model.set_adapter(name, inference_mode=True)`` in time independent of the adapter count (frozen weights:
+    only the active adapter each LoRA layer reads is set, as peft's own switch ends up setting it)."""
+    layers = _switchable_layers(model)
+    if layers is None or name not in model.peft_config:
+        model.set_adapter(name, inference_mode=True)  # peft's own errors for an unknown name
+        return
+    for m in layers:
+        m._active_adapter = [name]
+    model.base_model.active_adapter = name
+    model.active_adapter = name
 
 
 def touches_vision(src: AdapterSource) -> bool:
