@@ -84,3 +84,80 @@ def test_a_perfectly_separated_val_split_gets_the_lowest_temperature_not_zero():
     assert 0.05 <= calibrate_temperature(logits, [0, 1] * 5) <= 0.055
     flat = torch.tensor([[0.1, -0.1], [0.1, -0.1]] * 5)  # coin flips that look a little sure: T grows, to the cap
     assert 19.0 <= calibrate_temperature(flat, [0, 1] * 5) <= 20.0
+
+
+def test_an_nll_minimum_just_above_the_lowest_temperature_is_found_not_snapped_to_the_bound():
+    # two classes, margin m, 90% right: the NLL is smallest where softmax gives 0.9, T = m / ln 9.
+    # Put that optimum at 0.0505, inside the first grid cell above the bound 0.05.
+    import math
+
+    want = 0.0505
+    m = want * math.log(9)
+    logits = torch.tensor([[m / 2, -m / 2]] * 10, dtype=torch.float64)
+    labels = [0] * 9 + [1]
+    assert calibrate_temperature(logits, labels) == pytest.approx(want, rel=1e-3)
+
+
+def test_reliability_bins_cover_equal_width_confidence_intervals():
+    from vlrouter.core.metrics import reliability_bins
+
+    probs = torch.tensor([[0.55, 0.45], [0.7, 0.3], [0.3, 0.7], [0.95, 0.05], [1.0, 0.0]], dtype=torch.float64)
+    labels = [0, 0, 0, 0, 1]  # the 0.7 of row 3 is wrong (predicts 1), so is the sure last one
+    bins = reliability_bins(probs, labels, bins=4)
+    assert [(b["lo"], b["hi"]) for b in bins] == [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)]
+    assert [b["n"] for b in bins] == [0, 0, 3, 2]
+    assert bins[2]["confidence"] == pytest.approx((0.55 + 0.7 + 0.7) / 3)
+    assert bins[2]["accuracy"] == pytest.approx(2 / 3)
+    assert bins[3]["confidence"] == pytest.approx(0.975) and bins[3]["accuracy"] == pytest.approx(0.5)
+    assert all(b["confidence"] != b["confidence"] for b in bins[:2])  # empty bins: nan, not 0
+
+
+def test_reliability_diagram_draws_the_perfect_calibration_diagonal_corner_to_corner(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vlrouter.core.metrics import plot_reliability, reliability_bins
+
+    bins = reliability_bins(torch.tensor([[0.85, 0.15]] * 3, dtype=torch.float64), [0, 0, 1], bins=10)
+    out = plot_reliability(bins, tmp_path / "reliability.png")
+    px = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    dark = px.sum(2) < 150  # the black axes frame: its rows and columns run across most of the picture
+    rows = np.where(dark.sum(1) > 0.5 * px.shape[1])[0]
+    cols = np.where(dark.sum(0) > 0.5 * px.shape[0])[0]
+    top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
+    assert right - left > 200 and bottom - top > 200
+
+    def grey_near(t: float) -> bool:  # the dashed grey line through (t, t) in axes (= data, limits 0..1) coordinates
+        x, y = round(left + t * (right - left)), round(bottom - t * (bottom - top))
+        patch = px[y - 1:y + 2, x - 1:x + 2]
+        spread = patch.max(2) - patch.min(2)
+        return bool(((patch.max(2) < 225) & (spread < 12)).any())
+
+    # away from the centre (where a diagonal over padded limits would cross it) and from the bars/legend
+    ts = [0.08 + i * 0.01 for i in range(28)] + [0.62 + i * 0.01 for i in range(12)]
+    hits = sum(grey_near(t) for t in ts)
+    assert hits > 0.6 * len(ts), hits
+
+
+def test_reliability_diagram_is_written_when_the_default_backend_cannot_open_a_window(tmp_path, monkeypatch):
+    # a user's matplotlibrc (or MPLBACKEND) may name a GUI backend; on a headless server it cannot make a figure
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from vlrouter.core.metrics import plot_reliability, reliability_bins
+
+    (tmp_path / "vlrouter_test_gui_backend.py").write_text(
+        "from matplotlib.backend_bases import FigureCanvasBase, FigureManagerBase\n"
+        "class FigureCanvas(FigureCanvasBase):\n"
+        "    def __init__(self, *args, **kwargs):\n"
+        "        raise RuntimeError('cannot open a window: no display')\n"
+        "FigureManager = FigureManagerBase\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    old = matplotlib.get_backend()
+    plt.switch_backend("module://vlrouter_test_gui_backend")
+    try:
+        bins = reliability_bins(torch.tensor([[0.9, 0.1], [0.6, 0.4]], dtype=torch.float64), [0, 1], bins=5)
+        out = plot_reliability(bins, tmp_path / "reliability.png")
+    finally:
+        plt.switch_backend(old)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
