@@ -86,3 +86,25 @@ def test_training_does_not_depend_on_the_features_scale_or_offset():
     assert big_stats["best_loss"] == pytest.approx(stats["best_loss"], rel=1e-3)
     assert big_stats["best_acc"] == pytest.approx(stats["best_acc"], abs=1e-9)
     assert torch.equal(head_logits(big, vx * 1000.0 - 300.0).argmax(1), head_logits(head, vx).argmax(1))
+
+
+def test_a_head_shape_no_router_can_have_is_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="in_dim"):
+        HeadShape(in_dim=0, num_labels=2)  # a head over zero features
+    with pytest.raises(ValidationError, match="an mlp head needs hidden >= 1"):
+        HeadShape(kind="mlp", in_dim=4, num_labels=2)  # router.json saying mlp without a hidden size
+    linear = HeadShape(in_dim=1, num_labels=2)
+    assert linear.kind == "linear" and linear.model_dump()["hidden"] == 0  # what router.json records
+
+
+def test_standardization_statistics_of_a_single_sample_are_per_feature():
+    from vlrouter.core.head import standardize_stats
+
+    x = torch.tensor([[3.0, -1.0, 5.0, 0.5]])
+    mean, std = standardize_stats(x)
+    assert mean.tolist() == [3.0, -1.0, 5.0, 0.5]
+    assert std.tolist() == [1.0, 1.0, 1.0, 1.0]  # one value per feature: no spread to divide by, so 1
+    mean, std = standardize_stats(torch.tensor([[1.0, 0.0], [3.0, 0.0]]))
+    assert mean.tolist() == [2.0, 0.0] and std.tolist() == pytest.approx([2 ** 0.5, 1e-6])
