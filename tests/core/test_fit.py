@@ -167,3 +167,32 @@ def test_the_best_l2_is_the_most_accurate_then_the_best_calibrated_then_the_stro
     assert best_l2([{"l2": 0.1, "cv_acc": 0.8, "cv_nll": 0.2}, {"l2": 1.0, "cv_acc": 0.9, "cv_nll": 0.5}]) == 1.0
     assert best_l2([{"l2": 0.1, "cv_acc": 0.9, "cv_nll": 0.2}, {"l2": 1.0, "cv_acc": 0.9, "cv_nll": 0.5}]) == 0.1
     assert best_l2([{"l2": 0.1, "cv_acc": 0.9, "cv_nll": 0.2}, {"l2": 1.0, "cv_acc": 0.9, "cv_nll": 0.2}]) == 1.0
+
+
+def test_the_learning_rate_halves_when_the_validation_loss_plateaus():
+    x, y = _blobs(spread=6.0)  # overlapping: val loss soon stops improving
+    vx, vy = _blobs(n_per_class=(6, 6, 6), seed=5, spread=6.0)
+    _, stats = train_head(x, y, vx, vy, _opts(epochs=500, patience=8, eval_every=1, lr=0.05), num_labels=3)
+    lrs = [h["lr"] for h in stats["history"]]
+    # stopping needs 8 evaluations without improvement; the plateau scheduler halves after 4 + 1 of them
+    assert stats["stopped_early"] and lrs[0] == 0.05
+    assert min(lrs) < 0.05 and all(any(lr == pytest.approx(0.05 * 0.5 ** j) for j in range(10)) for lr in lrs)
+    assert lrs == sorted(lrs, reverse=True)
+
+
+def test_lbfgs_returns_an_inference_ready_head_and_reports_its_progress_and_speed(monkeypatch):
+    import types
+
+    import vlrouter.core.fit as fit_mod
+    from vlrouter.core.progress import RecordingProgress
+
+    clock = iter([100.0, 100.25])  # the solver's start and end: a quarter of a second
+    monkeypatch.setattr(fit_mod, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    x, y = _blobs(spread=4.0)
+    vx, vy = _blobs(n_per_class=(6, 6, 6), seed=3, spread=4.0)
+    prog = RecordingProgress()
+    head, stats = train_head(x, y, vx, vy, TrainSection(solver="lbfgs"), prog, num_labels=3, l2=0.1)
+    assert not head.training  # like the adamw head: ready for head(x) without a mode switch
+    assert prog.tasks == [("training head (lbfgs)", 1, 1)]  # the bar ends full
+    assert stats["seconds"] == 0.25
+    assert stats["samples_per_s"] == pytest.approx(stats["epochs_run"] * 60 / 0.25, abs=0.1)

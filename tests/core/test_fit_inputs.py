@@ -27,3 +27,14 @@ def test_a_label_without_training_samples_is_named():
     keep = y != 1
     with pytest.raises(TrainingError, match="no training samples for b"):
         train_head(x[keep], y[keep], x, y, OPTS, num_labels=3, class_names=["a", "b", "c"])
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_label_equal_to_the_label_count_is_refused(split):
+    x, y = blobs(n_per_class=(10, 10, 10))
+    bad = y.clone()
+    bad[0] = 3  # num_labels=3: valid labels are 0, 1, 2
+    args = (x, bad, x, y) if split == "train" else (x, y, x, bad)
+    for solver in ("adamw", "lbfgs"):
+        with pytest.raises(TrainingError, match=r"labels must lie in 0\.\.2"):
+            train_head(*args, OPTS.model_copy(update={"solver": solver}), num_labels=3, l2=0.1)
