@@ -42,3 +42,27 @@ def test_the_solver_is_lbfgs_unless_the_seeds_minibatch_settings_are_given(tmp_p
     assert resolve_options(Registry.load(path), {"lr": 0.1}).solver == "lbfgs"  # an explicit solver wins
     path.write_text(path.read_text().replace("  solver: lbfgs\n", "  head: mlp\n"))
     assert resolve_options(Registry.load(path), {}).solver == "adamw"
+
+
+def test_a_local_base_model_flag_becomes_absolute_and_other_flags_stay_as_given(tmp_path, monkeypatch):
+    path = make_registry(tmp_path / "proj", BASE, ["calendar", "claim-window"], n=2)
+    reg = Registry.load(path)
+    (tmp_path / "models" / "qwen").mkdir(parents=True)
+    (tmp_path / "cpu").mkdir()  # a folder that happens to share a flag value's name
+    monkeypatch.chdir(tmp_path)
+    o = resolve_options(reg, {"base_model_id": "models/qwen", "device": "cpu"})
+    assert o.base_model == str(tmp_path / "models" / "qwen")  # later commands run elsewhere still find it
+    assert o.device == "cpu"
+    assert resolve_options(reg, {"base_model_id": "Qwen/Other"}).base_model == "Qwen/Other"  # a hub id: untouched
+
+
+def test_the_worker_count_says_where_it_came_from(tmp_path):
+    from vlrouter.core.options import auto_workers
+
+    reg = Registry.load(make_registry(tmp_path, BASE, ["calendar", "claim-window"], n=2, workers=2))
+    o = resolve_options(reg, {})
+    assert (o.workers, o.workers_note) == (2, "set by train.workers")
+    o = resolve_options(reg, {"workers": 3})
+    assert (o.workers, o.workers_note) == (3, "set by --workers")
+    o = resolve_options(reg, {"workers": "auto"})
+    assert (o.workers, o.workers_note) == auto_workers()
