@@ -241,3 +241,15 @@ def test_changed_base_weights_make_the_router_stale(tmp_path, tiny_model_dir):
     assert state["state"] == "stale" and "the base model's weights changed since it was trained" in state["reason"]
     with pytest.raises(StaleRouterError, match="model_fingerprint: stale router"):
         check_router_for(read_meta(reg.router_dir), reg)
+
+
+def test_the_chance_gate_needs_more_than_a_rounding_error_above_chance(tmp_path):
+    # no validation features given: the gate reads router.json's val_acc; two adapters, chance 0.5
+    live = tmp_path / "router"
+    at_tolerance = _router(live, acc=0.5 + 1e-9)
+    with pytest.raises(PromotionRefused, match="does not beat chance 0.500"):
+        promote_with_gate(at_tolerance, live, force=True)
+    assert not live.exists()
+    above = _router(live, acc=0.5 + 2e-9)
+    promote_with_gate(above, live)
+    assert read_meta(live).metrics["val_acc"] == 0.5 + 2e-9
