@@ -67,3 +67,21 @@ def test_the_summary_shows_every_adapters_numbers_and_dashes_for_what_is_not_a_n
     assert "<tr><td>calendar</td><td>0.500</td><td>0.500</td><td>0.500</td><td>2</td></tr>" in html
     assert "<tr><td>search</td><td>0.000</td><td>0.000</td><td>0.000</td><td>0</td></tr>" in html
     assert html.count("data:image/png;base64,") == 2  # confusion + reliability, inlined
+
+
+def test_a_misrouted_screenshot_is_inlined_as_a_small_thumbnail_keeping_its_shape(tmp_path):
+    import base64
+    import io
+
+    from vlrouter.core.report import THUMB
+
+    result = _result(tmp_path)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (1920, 1080), (30, 120, 200)).save(big)  # a full-HD screenshot would bloat report.html
+    result["samples"][1]["image"] = str(big)
+    html = write_report(result, tmp_path / "out").read_text()
+    first = html.split("<div class='card'>")[1]
+    data = re.search(r"<img src='data:image/jpeg;base64,([^']+)'", first).group(1)
+    thumb = Image.open(io.BytesIO(base64.b64decode(data)))
+    assert thumb.width <= THUMB[0] and thumb.height <= THUMB[1]
+    assert thumb.size == (THUMB[0], round(THUMB[0] * 1080 / 1920))  # 16:9 kept, not squashed to the box
