@@ -62,3 +62,14 @@ def test_a_given_l2_is_kept_and_the_folds_never_outnumber_the_smallest_class():
     assert one.scores == [] and one.representation == Representation(("mean",), 1)
     tiny = choose(*_views((1, 4, 4)), [Representation(("mean",), 1)], num_labels=3, l2=0.5)
     assert tiny.folds == 2  # at least two folds, even with a class of one sample
+
+
+def test_representations_are_compared_at_the_default_l2_and_their_reported_scores_reproduce():
+    # the scores router.json reports for each candidate are 4-fold CV at l2 0.01 (a moderate strength, in L2_GRID)
+    views, y = _views()
+    cands = [Representation(("mean",), 2), Representation(("mean",), 1)]
+    sel = choose(views, y, cands, num_labels=3, folds=4)
+    folds = stratified_folds(y, 4, 0)
+    for s, rep in zip(sel.scores, cands):
+        acc, nll, _ = cv_score(rep.features(views), y, folds, num_labels=3, l2=1e-2)
+        assert (s["cv_acc"], s["cv_nll"]) == (round(acc, 4), round(nll, 4))
