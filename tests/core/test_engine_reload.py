@@ -112,6 +112,10 @@ def test_reload_after_remove_adapter_drops_its_lora(project, items, tiny_encoder
     assert result.removed == ["claim-window"] and result.added == []
     assert "claim-window" not in engine.model.peft_config and engine.adapters == ["calendar", "provider-select"]
     assert {engine.act(i, p, max_new_tokens=2).adapter for i, p in items} <= {"calendar", "provider-select"}
+    assert engine.pool.known == {"calendar", "provider-select"}  # forgotten, not just unloaded
+    H.promote_router(project, CKS, encoder=tiny_encoder)  # and back: a new adapter again, loaded at once
+    result = engine.reload()
+    assert result.added == ["claim-window"] and "claim-window" in engine.model.peft_config
 
 
 def test_a_checkpoint_rewritten_under_the_same_name_is_reloaded(project, items, tiny_model_dir, tiny_encoder):
@@ -122,6 +126,7 @@ def test_a_checkpoint_rewritten_under_the_same_name_is_reloaded(project, items, 
     H.make_lora_adapters(tiny_model_dir, root / "checkpoints", ["claim-window"], seed=99)
     H.promote_router(project, CKS, encoder=tiny_encoder)
     assert engine.reload().replaced == ["claim-window"]
+    assert "claim-window" in engine.model.peft_config and engine.pool.loads == 0  # reloaded now, not on first use
     after = engine.act(*items[2], max_new_tokens=MAX_NEW, adapter="claim-window").text
     assert after == Engine.from_registry(project, device="cpu").act(*items[2], max_new_tokens=MAX_NEW,
                                                                     adapter="claim-window").text
