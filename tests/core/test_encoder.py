@@ -213,3 +213,7 @@ def test_a_representation_concatenates_its_views_in_order_and_refuses_bad_ones()
 def test_empty_prompt_is_refused(tiny_encoder):
     with pytest.raises(InputError, match="empty"):
         build_inputs(tiny_encoder.processor, _images()[:1], ["   "])
+
+
+def test_dtype_name_is_the_weights_dtype_without_the_torch_prefix(tiny_encoder):
+    assert tiny_encoder.dtype_name == "float32"  # the tiny encoder runs on the CPU in fp32
