@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -208,8 +210,35 @@ def test_a_representation_concatenates_its_views_in_order_and_refuses_bad_ones()
         Representation((), 2)
     with pytest.raises(InputError, match=r"views \['mean@1'\] were not embedded"):
         Representation(("mean",), 1).features(views)
+    assert len({Representation(("mean",), 2), Representation(("mean",), 2), rep}) == 2  # a value: hashable, by content
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rep.layer = 3  # an engine's representation never changes under it
+
+
+def test_the_instruction_mask_starts_right_after_the_screenshot_even_at_position_zero():
+    from vlrouter.core.views import TokenIds
+
+    ids = TokenIds(image=9, vision_end=8, turn_end=7, merge=2)
+    input_ids = torch.tensor([[8, 5, 6, 7, 4], [1, 9, 8, 5, 7]])  # row 0: the screenshot's end is the first token
+    masks = view_masks(input_ids, torch.ones_like(input_ids), ids)
+    assert masks["text-mean"].tolist() == [[0, 1, 1, 0, 0], [0, 0, 0, 1, 0]]
+
+
+def test_encode_pooled_is_one_view_of_encode_views(tiny_encoder):
+    from vlrouter.core.views import encode_pooled
+
+    enc = tiny_encoder
+    batch = enc.prepare(_images(), PROMPTS)
+    one = encode_pooled(enc.model, batch, layer=-1, pooling="text-mean", token_ids=enc.token_ids)
+    every = encode_views(enc.model, batch, [enc.num_layers], token_ids=enc.token_ids)
+    assert one.shape == (len(PROMPTS), enc.hidden_size)
+    assert torch.equal(one, every[view_key("text-mean", enc.num_layers)])
 
 
 def test_empty_prompt_is_refused(tiny_encoder):
     with pytest.raises(InputError, match="empty"):
         build_inputs(tiny_encoder.processor, _images()[:1], ["   "])
+
+
+def test_dtype_name_is_the_weights_dtype_without_the_torch_prefix(tiny_encoder):
+    assert tiny_encoder.dtype_name == "float32"  # the tiny encoder runs on the CPU in fp32

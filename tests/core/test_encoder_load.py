@@ -19,3 +19,80 @@ def test_auto_dtype_is_bf16_on_gpu_and_fp32_on_cpu():
     assert resolve_dtype("auto", "cuda") is torch.bfloat16 and resolve_dtype(None, "cuda:1") is torch.bfloat16
     assert resolve_dtype("auto", "cpu") is torch.float32
     assert resolve_dtype("bf16", "cpu") is torch.bfloat16 and resolve_dtype("float16", "cuda") is torch.float16
+
+
+def test_the_asked_dtype_is_the_loaded_one(tiny_model_dir):
+    import torch
+
+    model = load_base_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_a_models_own_chat_template_file_is_the_one_used(tmp_path, tiny_model_dir):
+    import json
+    import shutil
+
+    from vlrouter.core.encoder import load_processor
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "chat_template.json").unlink(missing_ok=True)
+    template = "{% for m in messages %}<{{ m['role'] }}>{% endfor %}{# vlrouter test template #}"
+    (folder / "chat_template.jinja").write_text(template)
+    assert load_processor(str(folder)).chat_template == template
+    (folder / "chat_template.jinja").unlink()  # the older processor format: a JSON file the tokenizer never reads
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert load_processor(str(folder)).chat_template == template
+
+
+def test_cuda_on_a_machine_without_it_says_whether_torch_or_the_machine_lacks_it(monkeypatch):
+    import pytest
+    import torch
+
+    from vlrouter.core.encoder import resolve_device
+    from vlrouter.core.errors import InputError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(InputError, match="'cuda': this torch build has no CUDA"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    with pytest.raises(InputError, match="'cuda': no CUDA device is visible"):
+        resolve_device("cuda")
+
+
+def test_a_backend_that_cannot_say_it_is_available_is_refused(monkeypatch):
+    import types
+
+    import pytest
+    import torch
+
+    from vlrouter.core.encoder import resolve_device
+    from vlrouter.core.errors import InputError
+
+    monkeypatch.setattr(torch, "xpu", types.SimpleNamespace(), raising=False)  # a backend without is_available()
+    with pytest.raises(InputError, match="'xpu': not available here"):
+        resolve_device("xpu")
+    monkeypatch.setattr(torch, "xpu", types.SimpleNamespace(is_available=lambda: True), raising=False)
+    assert resolve_device("xpu") == "xpu"
+
+
+def test_quiet_loading_hides_progress_bars_and_then_restores_the_previous_setting():
+    import transformers
+    from huggingface_hub import utils as hub_utils
+
+    from vlrouter.core.encoder import quiet_loading
+
+    tf = transformers.utils.logging
+    was_tf, was_hub = tf.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    try:
+        for enabled in (True, False):
+            (tf.enable_progress_bar if enabled else tf.disable_progress_bar)()
+            (hub_utils.enable_progress_bars if enabled else hub_utils.disable_progress_bars)()
+            with quiet_loading():
+                assert not tf.is_progress_bar_enabled() and hub_utils.are_progress_bars_disabled()
+            assert tf.is_progress_bar_enabled() is enabled
+            assert hub_utils.are_progress_bars_disabled() is not enabled
+    finally:
+        (tf.enable_progress_bar if was_tf else tf.disable_progress_bar)()
+        (hub_utils.enable_progress_bars if was_hub else hub_utils.disable_progress_bars)()

@@ -282,6 +282,24 @@ def test_fallback_base_below_min_confidence(engine, items):
     assert a.text == _reference_generate(engine, img, prompt, "base")
 
 
+def test_by_default_a_low_confidence_still_acts_with_the_routed_adapter(engine, items):
+    e = _variant(engine, meta={"temperature": 50.0})  # no min_confidence given: the default, 0
+    a = e.act(*items[0], max_new_tokens=2)
+    assert e.min_confidence == 0.0 and a.confidence < 1.0
+    assert (a.adapter, a.routed, a.fallback) == ("calendar", "calendar", False)
+
+
+def test_prepared_inputs_are_on_the_engine_device(engine, items):
+    import copy
+
+    moved = copy.copy(engine)
+    moved.device = torch.device("meta")  # stands for an accelerator: every tensor must go there
+    batch = moved._prepare(items[:2])
+    tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+    assert tensors and all(v.device.type == "meta" for v in tensors)
+    assert {k for k, v in batch.items() if isinstance(v, torch.Tensor)} >= {"input_ids", "pixel_values"}
+
+
 def test_fallback_to_a_named_adapter(engine, items):
     e = _variant(engine, meta={"temperature": 50.0}, min_confidence=1.0, fallback="provider-select")
     img, prompt = items[0]

@@ -112,6 +112,10 @@ def test_reload_after_remove_adapter_drops_its_lora(project, items, tiny_encoder
     assert result.removed == ["claim-window"] and result.added == []
     assert "claim-window" not in engine.model.peft_config and engine.adapters == ["calendar", "provider-select"]
     assert {engine.act(i, p, max_new_tokens=2).adapter for i, p in items} <= {"calendar", "provider-select"}
+    assert engine.pool.known == {"calendar", "provider-select"}  # forgotten, not just unloaded
+    H.promote_router(project, CKS, encoder=tiny_encoder)  # and back: a new adapter again, loaded at once
+    result = engine.reload()
+    assert result.added == ["claim-window"] and "claim-window" in engine.model.peft_config
 
 
 def test_a_checkpoint_rewritten_under_the_same_name_is_reloaded(project, items, tiny_model_dir, tiny_encoder):
@@ -122,6 +126,7 @@ def test_a_checkpoint_rewritten_under_the_same_name_is_reloaded(project, items, 
     H.make_lora_adapters(tiny_model_dir, root / "checkpoints", ["claim-window"], seed=99)
     H.promote_router(project, CKS, encoder=tiny_encoder)
     assert engine.reload().replaced == ["claim-window"]
+    assert "claim-window" in engine.model.peft_config and engine.pool.loads == 0  # reloaded now, not on first use
     after = engine.act(*items[2], max_new_tokens=MAX_NEW, adapter="claim-window").text
     assert after == Engine.from_registry(project, device="cpu").act(*items[2], max_new_tokens=MAX_NEW,
                                                                     adapter="claim-window").text
@@ -166,3 +171,85 @@ def test_a_reload_waits_for_the_call_in_flight(project, items, tiny_encoder):
         assert not done.is_set() and engine.adapters == H.NAMES  # the in-flight call still sees the old router
     t.join(timeout=60)
     assert done.is_set() and "settings-toggle" in engine.adapters
+
+
+def _set_router_base_model(project: Path, base_model: str) -> None:
+    """registry.yaml's base_model and the live router.json's, both set to ``base_model`` (not stale)."""
+    import json
+
+    from vlrouter.core.registry import Registry
+
+    reg = Registry.load(project)
+    project.write_text(project.read_text().replace(f"base_model: {reg.model.base_model}\n",
+                                                   f"base_model: {base_model}\n"))
+    meta_path = Path(reg.router_dir) / "router.json"
+    meta = json.loads(meta_path.read_text())
+    meta["base_model"] = base_model
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_a_reload_naming_the_running_base_model_by_another_path_is_accepted(project, tiny_model_dir):
+    engine = Engine.from_registry(project, device="cpu")
+    link = project.parent / "models" / "tiny"
+    link.parent.mkdir()
+    link.symlink_to(tiny_model_dir)  # the same folder under another name
+    _set_router_base_model(project, str(link))
+    result = engine.reload()
+    assert result.added == result.removed == result.replaced == [] and engine.adapters == H.NAMES
+
+
+def test_a_reload_naming_another_base_model_is_refused(project, tmp_path):
+    engine = Engine.from_registry(project, device="cpu")
+    other = tmp_path / "other-model"
+    other.mkdir()  # exists, but it is not the folder the engine runs
+    _set_router_base_model(project, str(other))
+    with pytest.raises(ModelLoadError, match="base_model changed from .* a running engine cannot swap its base model"):
+        engine.reload()
+    assert engine.adapters == H.NAMES
+
+
+def test_a_reload_checks_a_new_adapters_base_model(project, items, tiny_encoder):
+    import json
+
+    engine = Engine.from_registry(project, device="cpu")
+    H.promote_router(project, {**CKS, "settings-toggle": "checkpoints/settings-toggle"}, encoder=tiny_encoder)
+    cfg_path = project.parent / "checkpoints" / "settings-toggle" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = "Qwen/Qwen3-VL-2B-Instruct"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"'settings-toggle'.*made for base model 'Qwen/Qwen3-VL-2B-Instruct'"):
+        engine.reload()
+    assert engine.adapters == H.NAMES and "settings-toggle" not in engine.model.peft_config
+    assert engine.reload(check_base_model=False).added == ["settings-toggle"]  # the escape hatch, as at load
+
+
+def test_a_reload_applies_the_registrys_min_confidence_and_ood_setting(project, monkeypatch):
+    import dataclasses
+
+    from vlrouter.core import engine as engine_mod
+
+    engine = Engine.from_registry(project, device="cpu")
+    assert engine.min_confidence == 0.0 and engine.ood is None
+    stats = object()  # stands for a router's OOD statistics (the test routers are trained without them)
+    real = engine_mod.read_router
+    monkeypatch.setattr(engine_mod, "read_router", lambda d: dataclasses.replace(real(d), ood=stats))
+    project.write_text(project.read_text().replace("min_confidence: 0.0", "min_confidence: 0.5"))
+    engine.reload()
+    assert engine.min_confidence == 0.5 and engine.ood is stats  # router.ood: auto (the default) uses them
+    project.write_text(project.read_text().replace("router:\n", "router:\n  ood: off\n"))
+    engine.reload()
+    assert engine.ood is None and engine.min_confidence == 0.5
+
+
+def test_a_swap_that_fails_its_checks_unloads_the_adapters_it_loaded(project):
+    from vlrouter.core.errors import InputError
+    from vlrouter.core.lora import AdapterSource
+
+    engine = Engine.from_registry(project, device="cpu")
+    names = [*H.NAMES, "settings-toggle"]
+    sources = [AdapterSource(n, project.parent / "checkpoints" / n) for n in names]
+    bad = engine.meta.model_copy(update={"adapters": names, "temperature": 0.0})  # refused after the loads
+    with pytest.raises(InputError, match="temperature"):
+        engine.swap_router(engine.head, bad, sources)
+    assert set(engine.model.peft_config) == set(H.NAMES) and engine.pool.known == set(H.NAMES)
+    assert engine.adapters == H.NAMES

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import shutil
 from pathlib import Path
 
@@ -153,9 +155,11 @@ def test_two_worker_processes_give_the_same_features(tiny_encoder, samples, tmp_
     import vlrouter.core.features as features
 
     one, _ = embed_dataset(tiny_encoder, samples, tmp_path / "a", layers=LAST, workers=1, batch_size=4)
+    before = set(multiprocessing.active_children())
     monkeypatch.setattr(features, "POOL_MIN_SAMPLES", 1)  # start the (spawned) workers even for 12 samples
     two, stats = embed_dataset(tiny_encoder, samples, tmp_path / "b", layers=LAST, workers=2, batch_size=4)
     assert stats["embedded_new"] == len(samples) and stats["workers"] == 2
+    assert set(multiprocessing.active_children()) <= before  # workers shut down before it returns
     assert all(torch.equal(one[k], two[k]) for k in one)
 
 
@@ -166,3 +170,31 @@ def test_an_image_changed_since_the_dataset_was_built_names_the_sample(tiny_enco
     bad = type(s)(**{**s.__dict__, "image": str(broken)})
     with pytest.raises(ImageError, match=s.source.replace("/", ".")):
         embed_dataset(tiny_encoder, [bad], tmp_path / "cache", layers=LAST)
+
+
+def test_put_returns_the_entry_file_it_wrote(tiny_encoder, tmp_path):
+    cache = FeatureCache(tmp_path, tiny_encoder.fingerprint())
+    p = cache.put("ab" * 32, {"mean@1": torch.ones(4)})
+    assert p == cache.path("ab" * 32) and p.is_file() and len(cache) == 1
+    assert torch.equal(cache.get("ab" * 32, ["mean@1"])["mean@1"], torch.ones(4))
+
+
+def test_a_worker_process_starts_with_one_torch_thread_quiet_logs_and_no_tokenizer_threads(tiny_model_dir,
+                                                                                          monkeypatch):
+    import transformers
+
+    from vlrouter.core.features import _PROCESSORS, _worker_init
+
+    threads, verbosity = torch.get_num_threads(), transformers.utils.logging.get_verbosity()
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    torch.set_num_threads(2)
+    transformers.utils.logging.set_verbosity_warning()
+    try:
+        _worker_init(str(tiny_model_dir), None)  # what each spawned worker runs first
+        assert torch.get_num_threads() == 1  # workers x threads never oversubscribe the cores
+        assert transformers.utils.logging.get_verbosity() == transformers.utils.logging.ERROR
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+        assert (str(tiny_model_dir), None) in _PROCESSORS
+    finally:
+        torch.set_num_threads(threads)
+        transformers.utils.logging.set_verbosity(verbosity)

@@ -42,13 +42,14 @@ def test_a_16_bit_greyscale_png_keeps_its_greys(tmp_path):
     ("F", 1.5, (2, 2, 2)),  # over 1: a 0..255 float image, kept as it is
     ("F", float("nan"), (0, 0, 0)),  # NaN pixels show black
     ("I", 1, (1, 1, 1)),  # a dark 32-bit int image is not a 0..1 image
+    ("I", 256, (1, 1, 1)),  # over 255: a 16-bit range, scaled down like I;16
     ("LA", (0, 0), (255, 255, 255)),  # fully transparent: the white a viewer shows, not black
     ("RGBA", (255, 0, 0, 255), (255, 0, 0)),
     ("P", 0, (0, 0, 0)),
     ("CMYK", (0, 0, 0, 0), (255, 255, 255)),
     ("LAB", (100, 128, 128), (93, 93, 93)),  # L*=39 grey, not read as if it were RGB (100, 128, 128)
     ("1", 1, (255, 255, 255)),
-], ids=["i16", "i32-16bit", "i32-8bit", "float", "float-white", "float-0-255", "float-nan", "i32-dark",
+], ids=["i16", "i32-16bit", "i32-8bit", "float", "float-white", "float-0-255", "float-nan", "i32-dark", "i32-256",
         "la-transparent", "rgba", "palette", "cmyk", "lab", "bilevel"])
 def test_every_mode_becomes_the_rgb_a_viewer_shows(mode, value, expected):
     px = open_image(Image.new(mode, (8, 8), value)).getpixel((3, 3))
@@ -70,6 +71,9 @@ def test_numpy_arrays_are_images():
     assert open_image(np.zeros((20, 30, 3), dtype=np.uint8)).size == (30, 20)
     assert open_image(np.ones((20, 30))).getpixel((0, 0)) == (255, 255, 255)  # float 0..1
     assert open_image(np.full((4, 4, 4), 255, dtype=np.uint8)).mode == "RGB"
+    assert open_image(np.full((4, 4, 1), 200, dtype=np.uint8)).getpixel((2, 2)) == (200, 200, 200)  # H x W x 1
+    assert open_image(np.zeros((4, 4))).getpixel((0, 0)) == (0, 0, 0)  # float 0 is black, exactly
+    assert open_image(np.array([[-3, 0], [7, 300]], dtype=np.int32)).getpixel((0, 0)) == (0, 0, 0)  # clipped
     with pytest.raises(ImageError, match="array of shape"):
         open_image(np.zeros((2, 3, 5), dtype=np.uint8))
     with pytest.raises(ImageError, match="over the limit"):

@@ -62,6 +62,12 @@ def test_a_pickled_or_truncated_adapter_is_refused_before_loading(tmp_path, tiny
     assert "a pickle, which can run code" in msg and "safe_serialization=True" in msg
     assert "weights_only=False" not in msg  # never suggested
 
+    (ck / "adapter_model.bin").unlink()
+    weights.mkdir()  # a folder where the weights file belongs: named for what it is, never opened
+    with pytest.raises(ModelLoadError, match=r"registry.yaml:9: adapters\[0\].checkpoint: adapter weights .*"
+                                             r"adapter_model.safetensors is a folder, not a regular file"):
+        check_adapter_checkpoint(src)
+
 
 def test_the_config_must_be_json_and_a_regular_file(tmp_path, tiny_model_dir):
     ck, src = _adapter_folder(tmp_path, tiny_model_dir)
@@ -86,6 +92,8 @@ def test_the_fast_switches_give_peft_own_outputs_and_leave_every_weight_frozen(t
     model = load_adapters(load_base_model(str(tiny_model_dir), device="cpu"),
                           [AdapterSource(n, cks[n]) for n in names]).eval().requires_grad_(False)  # as the engine
     assert len(_switchable_layers(model)) > 0  # the fast path, not peft's
+    assert _switchable_layers(model) is _switchable_layers(model)  # walked once, kept while the adapters stay
+    assert all(model.peft_config[n].inference_mode for n in names)  # loaded for inference, not for training
     ids = torch.tensor([[5, 9, 14, 3, 7, 11]])
 
     def logits():

@@ -78,3 +78,12 @@ def test_ensure_dir_names_the_setting_when_a_file_stands_in_the_way(tmp_path):
                                          ("models/", True), ("..", True)])
 def test_values_that_can_only_be_paths_are_never_hub_ids(value, local):
     assert looks_like_local_path(value) is local
+
+
+def test_writing_under_a_file_says_a_file_stands_where_a_folder_is_needed(tmp_path):
+    (tmp_path / "runs").write_text("not a folder")
+    with pytest.raises(NotADirectoryError) as e:
+        (tmp_path / "runs" / "router.json").write_text("{}")  # what the OS says when a write goes under a file
+    msg = str(storage_error(e.value))
+    assert msg.startswith(f"{tmp_path / 'runs' / 'router.json'}: cannot write: a file stands where a folder is needed")
+    assert msg.endswith("(fix: move that file away, or point the setting at a folder)")

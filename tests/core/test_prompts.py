@@ -32,6 +32,10 @@ def test_prompts_the_chat_format_reserves_are_input_errors(tiny_encoder, prompt,
     with pytest.raises(InputError) as e:
         build_inputs(tiny_encoder.processor, [IMG], [prompt])
     assert problem in str(e.value) and "(fix: remove it" in str(e.value)
+    assert str(e.value).startswith("prompt ")  # one prompt: no item number
+    with pytest.raises(InputError) as e:
+        build_inputs(tiny_encoder.processor, [IMG, IMG], ["Click", prompt])
+    assert str(e.value).startswith("item 1: prompt ") and problem in str(e.value)
 
 
 def test_a_prompt_over_the_token_limit_is_refused_fast_and_the_limit_is_configurable(tiny_encoder):

@@ -86,6 +86,9 @@ def test_acts_cycling_through_twelve_adapters_with_three_loaded_equal_the_all_re
         assert (a.adapter, a.confidence, a.text) == (b.adapter, b.confidence, b.text)
     assert len(set(watched)) == len(NAMES) and capped.pool.peak <= CAP
     assert capped.pool.evictions >= 2 * len(NAMES) - CAP
+    assert capped.pool.loads == len(watched)  # the counter counts every on-demand load, the initial three not
+    assert full.pool.loads == 0 and full.pool.evictions == 0
+    assert capped.pool.vision_adapters() == frozenset()  # LM-only LoRAs loaded on demand stay off the vision list
 
 
 def test_a_batch_naming_more_adapters_than_the_cap_runs_in_groups_with_the_same_texts(built, full, items, watched):

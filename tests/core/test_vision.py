@@ -44,3 +44,23 @@ def test_disabled_reuse_encodes_every_time_and_a_consumer_cannot_change_the_cach
         inner.get_image_features(*args)
         inner.get_image_features(*args)
         assert state["vision_calls"] == 3
+
+
+def test_a_get_image_features_patched_on_the_instance_before_is_put_back(tiny_encoder):
+    inner = inner_vl_model(tiny_encoder.model)
+    red = _batch(tiny_encoder, (255, 0, 0))
+    seen = []
+    own = inner.get_image_features
+
+    def watched(pixel_values, image_grid_thw=None, **kwargs):  # e.g. a profiler's wrapper, set on the instance
+        seen.append(1)
+        return own(pixel_values, image_grid_thw, **kwargs)
+
+    inner.get_image_features = watched
+    try:
+        with reuse_image_features(inner) as state:
+            inner.get_image_features(red["pixel_values"], red["image_grid_thw"])
+            assert state["vision_calls"] == 1 and seen == [1]
+        assert inner.__dict__["get_image_features"] is watched  # that wrapper again, not the class method
+    finally:
+        inner.__dict__.pop("get_image_features", None)

@@ -128,7 +128,20 @@ def test_an_adapter_the_server_does_not_serve_is_a_located_error_with_the_fix(pr
         assert engine.act(*items[0], max_new_tokens=MAX_NEW, adapter="calendar").text
         with pytest.raises(UnknownAdapterError):  # not the router's: refused before any request
             engine.act(*items[0], max_new_tokens=MAX_NEW, adapter="nope")
+        s.loras["claim-window"] = "/y"  # loaded on the server since (another process, a restart with --lora-modules)
+        assert engine.act(*items[0], max_new_tokens=MAX_NEW, adapter="claim-window").adapter == "claim-window"
         assert not s.violations
+
+
+@pytest.mark.parametrize("body", [{"error": {"message": "x " * 400}}, {"message": "x " * 400},
+                                  {"detail": "x " * 400}], ids=["current", "older", "detail"])
+def test_a_long_vllm_error_message_is_cut_to_300_characters_on_one_line(body):
+    from types import SimpleNamespace
+
+    from vlrouter.core.vllm import _message
+
+    msg = _message(SimpleNamespace(json=lambda: body, text="", status_code=400))
+    assert msg == ("x " * 150)[:300] and len(msg) == 300
 
 
 def test_a_slow_server_times_out_and_an_error_answer_is_reported(project, items):

@@ -116,3 +116,9 @@ def test_nan_routing_features_are_an_error_not_a_quiet_fallback(engine, monkeypa
     monkeypatch.setattr(engine, "_features", lambda batch: (nan, None))
     with pytest.raises(InputError, match="the router's probabilities are not finite"):
         engine.act(img, prompt, max_new_tokens=2)  # was: confidence NaN < min_confidence, so the fallback acted
+    with pytest.raises(InputError, match="the router's probabilities") as ei:
+        engine.act(img, prompt, max_new_tokens=2)
+    assert "item" not in str(ei.value)  # one item: nothing to number
+    monkeypatch.setattr(engine, "_features", lambda batch: (nan.expand(2, -1), None))
+    with pytest.raises(InputError, match="item 0: the router's probabilities are not finite"):
+        engine.act_batch([(img, prompt)] * 2, max_new_tokens=2)

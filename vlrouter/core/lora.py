@@ -104,7 +104,7 @@ def check_weights_file(src: AdapterSource) -> None:
         raise src.err(f"checkpoint for adapter {src.name!r} has no {WEIGHTS_FILE}: {p}",
                       fix="re-save the adapter with peft's save_pretrained")
     check_regular_file(st, what="adapter weights", where=src.file, field=src.field, error=ModelLoadError,
-                       fix="point the checkpoint at the folder `save_pretrained` wrote")
+                       fix="point the checkpoint at the folder `save_pretrained` wrote", line=src.line)
     try:
         with safe_open(str(st), framework="pt") as f:
             names = list(f.keys())

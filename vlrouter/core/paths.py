@@ -34,11 +34,11 @@ def file_kind(mode: int) -> str:
 
 def check_regular_file(path: str | Path, *, what: str = "file", where: str | Path | None = None,
                        field: str | None = None, error: type[Exception] = InputError,
-                       fix: str = "point at a regular file") -> Path:
+                       fix: str = "point at a regular file", line: int | None = None) -> Path:
     """``path`` if it is a regular file (symlinks followed); else ``error`` naming what it is.
 
     Never opens the path, so a FIFO cannot block. A missing path is left to the caller
-    (who knows the better message) -- this returns it unchanged.
+    (who knows the better message) -- this returns it unchanged. ``line``: the line of ``where`` to name.
     """
     p = Path(path)
     try:
@@ -47,10 +47,10 @@ def check_regular_file(path: str | Path, *, what: str = "file", where: str | Pat
         return p
     except OSError as e:
         raise error(located(where if where is not None else p, field, f"cannot read {what} {p}: {e.strerror}",
-                            fix="check the path and its permissions")) from None
+                            fix="check the path and its permissions", line=line)) from None
     if not stat.S_ISREG(st.st_mode):
         raise error(located(where if where is not None else p, field, f"{what} {p} is {file_kind(st.st_mode)}, "
-                            "not a regular file", fix=fix))
+                            "not a regular file", fix=fix, line=line))
     return p
 
 
