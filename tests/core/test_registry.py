@@ -154,6 +154,14 @@ def test_removing_the_last_entry_keeps_the_comments_after_it(reg_path):
     assert new.adapter_names == ["calendar"]
 
 
+def test_removing_the_last_entry_keeps_the_comments_after_it_and_the_eol_comment_before(reg_path):
+    reg_path.write_text(TEXT.replace("calendar-tasks", "calendar-tasks  # cal eol"))
+    Registry.load(reg_path).remove_adapter("claim-window").save()
+    text = reg_path.read_text()
+    assert "    checkpoint: checkpoints/calendar-tasks  # cal eol\n\n# modal settings follow\nmodal:\n" in text
+    assert Registry.load(reg_path).adapter_names == ["calendar"]
+
+
 def test_save_is_atomic(reg_path, monkeypatch):
     os.chmod(reg_path, 0o640)
     reg = Registry.load(reg_path)
@@ -231,6 +239,7 @@ LINE_CASES = {
     "duplicate-name": ("name: claim-window", "name: calendar", "name: calendar  # forms", "adapters[1].name"),
     "fallback-unknown": ("fallback: base", "fallback: provider-select", "fallback:", "router.fallback"),
     "missing-base-model": ("base_model: Qwen/Qwen3-VL-8B-Instruct  # hub id\n", "", None, "base_model"),
+    "missing-in-entry": ("    dataset: /abs/claim/train.jsonl\n", "", "name: claim-window", "adapters[1].dataset"),
 }
 
 
@@ -251,7 +260,7 @@ def test_unknown_key_suggests_the_close_one(tmp_path):
 
 
 @pytest.mark.parametrize("text,line,problem", [
-    ("base_model: x\nrouter:\n  dir: [a\n  pooling: mean\n", 4, "YAML syntax error"),
+    ("base_model: x\nrouter:\n  dir: [a\n  pooling: mean\n", 4, "YAML syntax error: expected ',' or ']', but got ':'"),
     ("base_model: x\n\tadapters: []\n", 2, "YAML syntax error"),
     ("- a\n- b\n", 1, "top level is a list"),
     ("42\n", 1, "top level is a int"),
