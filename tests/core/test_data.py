@@ -199,3 +199,41 @@ def test_routing_split_line_without_label_names_file_and_line(tmp_path):
     (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     with pytest.raises(DatasetError, match=re.escape(f"{out / 'train.jsonl'}:2: label")):
         read_routing_split(out / "train.jsonl")
+
+
+def test_a_prompt_keeps_its_text_whether_or_not_it_starts_with_the_image_token(tmp_path):
+    from vlrouter.core.data import strip_image_token
+
+    assert strip_image_token("Click March 3 in the calendar") == "Click March 3 in the calendar"
+    assert strip_image_token("  <image>\nClick March 3  ") == "Click March 3"
+    assert strip_image_token("Click <image> March 3") == "Click  March 3"
+    path = make_dataset(tmp_path / "cal", "calendar", 2)
+    recs = _lines(path)
+    recs[0]["conversations"][0]["value"] = "Click March 3 in the calendar"  # no <image> placeholder
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    samples, _ = read_adapter_dataset(path, adapter="calendar")
+    assert samples[0].prompt == "Click March 3 in the calendar"
+
+
+@pytest.mark.parametrize("change,problem", [
+    ({"label": 1}, "label 1 / adapter 'calendar' disagrees with metadata.json class_names"),
+    ({"label": 7}, "label 7 / adapter 'calendar' disagrees with metadata.json class_names"),
+], ids=["other-adapters-label", "label-out-of-range"])
+def test_a_routing_sample_whose_label_and_adapter_disagree_is_refused(tmp_path, change, problem):
+    reg = _registry(tmp_path, n=4)
+    out = build_routing_dataset(reg, tmp_path / "ds", seed=0)
+    recs = _lines(out / "val.jsonl")
+    i = next(i for i, r in enumerate(recs) if r["adapter"] == "calendar")
+    recs[i].update(change)
+    (out / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(DatasetError) as e:
+        load_routing_dataset(out).split("val")
+    assert f"{out / 'val.jsonl'}:{i + 1}: label: {problem}" in str(e.value), str(e.value)
+    assert "(fix: rebuild the routing dataset with `router build-dataset`)" in str(e.value)
+
+
+@pytest.mark.parametrize("n,fraction,counts", [(10, 0.2, (8, 2)), (2, 0.2, (1, 1)), (3, 0.9, (1, 2))])
+def test_each_class_splits_into_train_and_validation_with_at_least_one_of_each(n, fraction, counts):
+    from vlrouter.core.data import split_counts
+
+    assert split_counts(n, fraction) == counts

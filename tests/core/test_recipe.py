@@ -38,3 +38,22 @@ def test_train_on_dataset_candidate_reloads_to_identical_logits(tiny_encoder, tm
     original.load_state_dict({k: v for k, v in saved.items() if not k.startswith("ood.")})
     assert torch.equal(head_logits(head, feats), head_logits(original, feats))
     assert json.loads((cand / "router.json").read_text())["dataset_fingerprint"] == meta.dataset_fingerprint
+
+
+def test_representation_selection_weighs_classes_inversely_to_their_frequency(tiny_encoder, tmp_path, monkeypatch):
+    """With unbalanced training data, cross-validation weighs each class by total / (k * its count)."""
+    from tests.helpers import make_dataset
+    from vlrouter.core import recipe
+
+    reg = Registry.load(make_registry(tmp_path, tiny_encoder.base_model, ["calendar", "claim-window"], n=4))
+    make_dataset(tmp_path / "data" / "claim-window", "claim-window", 12)  # 3x as many samples
+    ds = build_routing_dataset(reg, tmp_path / "datasets", seed=0)
+    seen = []
+    real_choose = recipe.choose
+    monkeypatch.setattr(recipe, "choose", lambda *a, **kw: seen.append(kw["weights"]) or real_choose(*a, **kw))
+    opts = resolve_options(reg, {"epochs": 2}).model_copy(update={"cache_dir": str(tmp_path / "cache")})
+    train_candidate(ds, reg, opts, encoder=tiny_encoder)
+    counts = torch.bincount(torch.tensor([s.label for s in load_routing_dataset(ds).split("train")]), minlength=2)
+    assert counts[0] < counts[1]
+    assert len(seen) == 1 and seen[0] is not None
+    assert torch.allclose(seen[0], counts.sum() / (2 * counts.float()))

@@ -91,3 +91,40 @@ def test_a_checkpoint_without_adapter_config_is_named(project, tmp_path):
     with pytest.raises(RegistryError, match=r"adapters\[1\]\.checkpoint.*claim-window.*not a PEFT adapter folder"):
         reg.check_paths(checkpoints=True)
     reg.check_paths(["calendar"], checkpoints=True)  # only the adapters asked about
+
+
+def test_train_refuses_an_out_of_range_layer_at_its_line_before_anything_runs(tmp_path, tiny_model_dir):
+    from vlrouter.core.errors import InputError
+    from vlrouter.core.recipe import run_train
+
+    path = make_registry(tmp_path / "proj", tiny_model_dir, TASKS, n=2, router={"layer": 99})
+    reg = Registry.load(path)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "layer: 99" in text)
+    with pytest.raises(InputError) as e:
+        run_train(reg, resolve_options(reg))  # no routing dataset built yet: the layer is checked first
+    assert str(e.value).startswith(f"{path}:{line}: router.layer: 99 is out of range for a model with"), str(e.value)
+    assert not reg.router_dir.exists() and not reg.resolve("datasets").exists()
+
+
+def test_train_reports_the_solver_it_used(project):
+    from vlrouter.core.recipe import run_train
+
+    reg = Registry.load(project)
+    result = run_train(reg, resolve_options(reg), force=True)
+    assert result.solver in ("lbfgs", "adamw") and result.solver == json.loads(
+        (reg.router_dir / "router.json").read_text())["solver"]
+
+
+def test_eval_lists_every_sample_with_its_routing(project):
+    from vlrouter.core.data import load_routing_dataset, newest_routing_dataset
+
+    reg = Registry.load(project)
+    opts = resolve_options(reg)
+    out = evaluate_router(reg, opts)
+    val = load_routing_dataset(newest_routing_dataset(reg.resolve(opts.datasets_dir))).split("val")
+    rows = out["samples"]
+    assert [(r["id"], r["adapter"], r["prompt"]) for r in rows] == [(s.id, s.adapter, s.prompt) for s in val]
+    for r in rows:
+        assert set(r["probs"]) == set(TASKS) and abs(sum(r["probs"].values()) - 1) < 1e-6
+        assert r["routed"] == max(r["probs"], key=r["probs"].get) and isinstance(r["known"], bool)
+    assert out["metrics"]["accuracy"] == pytest.approx(sum(r["routed"] == r["adapter"] for r in rows) / len(rows))

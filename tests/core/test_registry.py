@@ -154,6 +154,14 @@ def test_removing_the_last_entry_keeps_the_comments_after_it(reg_path):
     assert new.adapter_names == ["calendar"]
 
 
+def test_removing_the_last_entry_keeps_the_comments_after_it_and_the_eol_comment_before(reg_path):
+    reg_path.write_text(TEXT.replace("calendar-tasks", "calendar-tasks  # cal eol"))
+    Registry.load(reg_path).remove_adapter("claim-window").save()
+    text = reg_path.read_text()
+    assert "    checkpoint: checkpoints/calendar-tasks  # cal eol\n\n# modal settings follow\nmodal:\n" in text
+    assert Registry.load(reg_path).adapter_names == ["calendar"]
+
+
 def test_save_is_atomic(reg_path, monkeypatch):
     os.chmod(reg_path, 0o640)
     reg = Registry.load(reg_path)
@@ -231,6 +239,7 @@ LINE_CASES = {
     "duplicate-name": ("name: claim-window", "name: calendar", "name: calendar  # forms", "adapters[1].name"),
     "fallback-unknown": ("fallback: base", "fallback: provider-select", "fallback:", "router.fallback"),
     "missing-base-model": ("base_model: Qwen/Qwen3-VL-8B-Instruct  # hub id\n", "", None, "base_model"),
+    "missing-in-entry": ("    dataset: /abs/claim/train.jsonl\n", "", "name: claim-window", "adapters[1].dataset"),
 }
 
 
@@ -251,7 +260,7 @@ def test_unknown_key_suggests_the_close_one(tmp_path):
 
 
 @pytest.mark.parametrize("text,line,problem", [
-    ("base_model: x\nrouter:\n  dir: [a\n  pooling: mean\n", 4, "YAML syntax error"),
+    ("base_model: x\nrouter:\n  dir: [a\n  pooling: mean\n", 4, "YAML syntax error: expected ',' or ']', but got ':'"),
     ("base_model: x\n\tadapters: []\n", 2, "YAML syntax error"),
     ("- a\n- b\n", 1, "top level is a list"),
     ("42\n", 1, "top level is a int"),
@@ -392,3 +401,62 @@ def test_a_missing_local_base_model_is_refused_not_looked_up_on_the_hub(tmp_path
             check_work_dirs(reg, opts)  # and a run stops before any work, naming the line
         assert f"{tmp_path / 'r.yaml'}:2: base_model: local base model folder not found" in str(e.value)
     assert not load_text(tmp_path, TEXT).base_model_is_local()  # a hub id stays a hub id
+
+
+@pytest.mark.parametrize("old,new,problem,fix", [
+    ("name: claim-window", "name: calendar", "adapters[1].name: duplicate adapter name 'calendar' (also adapters[0])",
+     "(fix: rename or remove one of the two entries)"),
+    ("pooling: mean", "pooling: 3", "router.pooling.str: Input should be a valid string",
+     "(fix: write auto, one of mean, "),
+], ids=["duplicate-name", "pooling-not-a-string"])
+def test_errors_come_with_the_fix_for_that_kind_of_mistake(tmp_path, old, new, problem, fix):
+    msg = error_of(tmp_path, TEXT.replace(old, new, 1))
+    assert problem in msg and fix in msg, msg
+
+
+@pytest.mark.parametrize("line,field,limit", [
+    ("batch_size: 1000001", "train.batch_size", "1000000"),
+    ("patience: 1000001", "train.patience", "1000000"),
+], ids=["batch-size", "patience"])
+def test_train_values_just_over_their_limit_are_refused(tmp_path, line, field, limit):
+    msg = error_of(tmp_path, TEXT.replace("epochs: 50", line))
+    assert f"{field}: Input should be less than or equal to {limit}" in msg
+    assert load_text(tmp_path, TEXT.replace("epochs: 50", line.replace("1000001", "1000000"))) is not None
+
+
+def test_modal_cpu_shards_just_over_the_limit_is_refused(tmp_path):
+    msg = error_of(tmp_path, TEXT.replace("gpu: H100", "cpu_shards: 10001"))
+    assert "modal.cpu_shards: Input should be less than or equal to 10000" in msg
+    assert load_text(tmp_path, TEXT.replace("gpu: H100", "cpu_shards: 10000")).model.modal.cpu_shards == 10000
+
+
+def test_adapter_names_are_at_most_64_characters(tmp_path):
+    assert load_text(tmp_path, TEXT.replace("name: calendar", "name: " + "a" * 64)).adapter_names[0] == "a" * 64
+    msg = error_of(tmp_path, TEXT.replace("name: calendar", "name: " + "a" * 65))
+    assert f"adapters[0].name: adapter name '{'a' * 65}' is longer than 64 characters" in msg
+
+
+def test_a_path_typed_outside_the_registry_folder_is_stored_relative_to_it(reg_path, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    reg = Registry.load(reg_path)
+    assert reg.relative_path("data/x.jsonl") == "../elsewhere/data/x.jsonl"
+    assert reg.resolve(reg.relative_path("data/x.jsonl")).resolve() == (elsewhere / "data/x.jsonl").resolve()
+
+
+def test_unknown_names_suggest_at_most_three_close_ones():
+    from vlrouter.core.registry import suggest
+
+    assert suggest("calendar", ["calendar1234", "calendar12", "calendar123", "calendar1"]) == \
+        "; did you mean 'calendar1', 'calendar12', 'calendar123'?"  # the closest first
+    assert suggest("calendar", ["zzz"]) == ""
+
+
+def test_a_new_registry_without_adapters_loads_with_an_empty_list(tmp_path):
+    from vlrouter.core.registry import new_registry_text
+
+    text = new_registry_text("Qwen/Qwen3-VL-8B-Instruct", [])
+    assert text.startswith("# vlrouter registry:") and text.endswith("\nadapters: []\n")
+    reg = load_text(tmp_path, text)
+    assert reg.model.base_model == "Qwen/Qwen3-VL-8B-Instruct" and reg.adapter_names == []

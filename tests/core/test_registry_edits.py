@@ -37,3 +37,16 @@ def test_several_mistakes_name_the_first_and_count_the_rest(tmp_path):
     with pytest.raises(RegistryError) as e:
         Registry.load(p)
     assert "more)" not in str(e.value)
+
+
+@pytest.mark.parametrize("columns,folded", [(4096, False), (4097, True)], ids=["4096-columns", "4097-columns"])
+def test_an_edit_folds_a_long_value_only_past_4096_columns_and_keeps_it(tmp_path, columns, folded):
+    p = tmp_path / "registry.yaml"
+    p.write_text(TEXT)
+    prefix = "    description: "
+    description = "x" * (columns - len(prefix) - len(" tail")) + " tail"
+    Registry.load(p).add_adapter(AdapterEntry(name="claim-window", dataset="d.jsonl", checkpoint="c",
+                                              description=description)).save()
+    lines = p.read_text().splitlines()
+    assert (prefix + description in lines) is not folded
+    assert Registry.load(p).adapters[-1].description == description  # folded or not, the same value

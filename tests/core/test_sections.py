@@ -51,3 +51,11 @@ def test_bad_values_are_located_errors_with_a_fix(body, line, message, fix):
     text = str(e.value)
     assert text.startswith(f"registry.yaml:{line}: {message}"), text
     assert f"(fix: {fix}" in text or fix in text.split("(fix:")[1], text
+
+
+def test_a_vllm_timeout_under_a_second_is_allowed_and_zero_is_not():
+    text = HEAD + "engine:\n  generation: vllm\n  vllm_url: http://127.0.0.1:8001\n  vllm_timeout: 0.5\n"
+    assert Registry.from_bytes(text.encode()).model.engine.vllm_timeout == 0.5
+    with pytest.raises(RegistryError) as e:
+        Registry.from_bytes(text.replace("0.5", "0").encode(), "registry.yaml")
+    assert str(e.value).startswith("registry.yaml:6: engine.vllm_timeout: Input should be greater than 0"), str(e.value)

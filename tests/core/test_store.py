@@ -253,3 +253,48 @@ def test_the_chance_gate_needs_more_than_a_rounding_error_above_chance(tmp_path)
     above = _router(live, acc=0.5 + 2e-9)
     promote_with_gate(above, live)
     assert read_meta(live).metrics["val_acc"] == 0.5 + 2e-9
+
+
+def test_a_temperature_above_the_limit_is_damage_and_the_message_names_the_range(tmp_path):
+    d = _router(tmp_path / "router", acc=0.9)
+    _edit(d, temperature=1000.0)
+    assert load_router(d)[1].temperature == 1000.0  # the upper limit itself still loads
+    _edit(d, temperature=1500.0)
+    with pytest.raises(CheckpointError) as e:
+        load_router(d)
+    assert "temperature 1500.0 is not a finite number between 0.001 and 1000" in str(e.value)
+
+
+def test_a_router_json_over_64_mib_is_refused_before_it_is_read(tmp_path):
+    d = _router(tmp_path / "router", acc=0.9)
+    with open(d / "router.json", "r+b") as f:
+        f.truncate((64 << 20) + 1)  # sparse: no disk used
+    with pytest.raises(CheckpointError) as e:
+        read_meta(d)
+    assert "67,108,865 bytes is too large for a router.json" in str(e.value) and "(fix: retrain" in str(e.value)
+
+
+@pytest.mark.parametrize("entries,what", [([], "it is empty"), (["tensorboard"], "it holds no router.json")])
+def test_router_dir_naming_an_empty_or_metaless_folder_is_refused(tmp_path, entries, what):
+    live = tmp_path / "router"
+    live.mkdir()
+    for name in entries:
+        (live / name).mkdir()
+    cand = _router(tmp_path / "elsewhere" / "router", acc=0.9)
+    with pytest.raises(CheckpointError) as e:
+        promote(cand, live)
+    assert f"names an existing folder that is not a router ({what})" in str(e.value)
+    assert live.is_dir() and not live.is_symlink() and sorted(p.name for p in live.iterdir()) == entries
+
+
+def test_a_relative_base_model_in_router_json_resolves_against_the_registry_folder(tmp_path, monkeypatch):
+    from vlrouter.core.store import same_base_model
+
+    project = tmp_path / "project"
+    (project / "model").mkdir(parents=True)
+    reg = Registry.load(make_registry(project, "model", ["calendar"], n=2))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert same_base_model("./model", reg)  # written differently, the same folder beside registry.yaml
+    assert not same_base_model("./other", reg)

@@ -223,3 +223,32 @@ def test_a_broken_installed_plugin_is_one_plugin_error(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))
     with pytest.raises(PluginError, match="entry-point group 'vlrouter'.*broken_vlrouter_missing_module"):
         get_plugin_manager(entry_points=True)
+
+
+def test_a_misspelt_hook_in_a_registry_plugin_is_refused_naming_the_plugin(tmp_path, monkeypatch):
+    mod = types.ModuleType("tests_misspelt_hook_mod")
+
+    @hookimpl
+    def register_adaptors(register):  # not a hook: would be ignored silently
+        pass
+
+    mod.register_adaptors = register_adaptors
+    monkeypatch.setitem(sys.modules, "tests_misspelt_hook_mod", mod)
+    with pytest.raises(PluginError) as exc:
+        get_plugin_manager(_registry(tmp_path, "tests_misspelt_hook_mod"), entry_points=False)
+    msg = str(exc.value)
+    assert msg.startswith("plugin 'tests_misspelt_hook_mod': ") and "register_adaptors" in msg, msg
+    assert "(fix: rename the function to a hook in vlrouter/plugins/hookspecs.py)" in msg
+
+
+def test_add_adapter_says_where_the_entry_came_from(tmp_path, monkeypatch):
+    from vlrouter.plugins.manager import new_adapter_entry
+
+    monkeypatch.setitem(sys.modules, "tests_source_mod", make_plugin("tests_source_mod", "invoice-form", "tax-form"))
+    reg = _registry(tmp_path, "tests_source_mod")
+    monkeypatch.chdir(tmp_path)
+    entry, source = new_adapter_entry(reg, "tax-form")
+    assert (entry.plugin, entry.dataset) == ("tests_source_mod", "data/tax-form.jsonl")
+    assert source == "plugin tests_source_mod"
+    entry, source = new_adapter_entry(reg, "my-form", dataset="my.jsonl", checkpoint="ck")
+    assert (entry.plugin, entry.dataset, source) == (None, "my.jsonl", "generic JSONL adapter")
