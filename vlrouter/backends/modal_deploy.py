@@ -26,7 +26,6 @@ import contextlib
 import hashlib
 import importlib
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from vlrouter.backends.modal_run import (
     app_settings,
     check_credentials,
     check_gpu_fits,
+    env_set,
     load_app,
     probe_modal,
     remote_base_model,
@@ -87,9 +87,7 @@ def load_serve_app(registry: Registry, gpu: str | None = None, api_key: str | No
     the serving settings (serve:) and the API key, set in the environment only around the import."""
     mapp = load_app(app_settings(registry))
     settings = {**serve_settings(registry, gpu), ENV_API_KEY: api_key or ""}
-    saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    try:
+    with env_set(settings):
         mod = sys.modules.get(SERVE_MODULE)
         if mod is None:
             mod = importlib.import_module(SERVE_MODULE)
@@ -97,12 +95,6 @@ def load_serve_app(registry: Registry, gpu: str | None = None, api_key: str | No
                                                        if k != ENV_API_KEY)
               or hashlib.sha256((api_key or "").encode()).hexdigest() != mod.KEY_DIGEST):
             mod = importlib.reload(mod)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return mod
 
 

@@ -209,21 +209,28 @@ def load_app(settings: dict[str, str]):
     """
     import importlib
 
-    saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    try:
+    with env_set(settings):
         mod = sys.modules.get(APP_MODULE)
         if mod is None:
             mod = importlib.import_module(APP_MODULE)
         elif any(mod.SETTINGS.get(k) != v for k, v in settings.items()):
             mod = importlib.reload(mod)
+    return mod
+
+
+@contextlib.contextmanager
+def env_set(settings: dict[str, str]):
+    """``settings`` in ``os.environ`` inside the block (a Modal app module reads them at import), then restored."""
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return mod
 
 
 # ---- upload: a routing dataset with its screenshots --------------------------------------------

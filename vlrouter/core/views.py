@@ -231,7 +231,7 @@ def encode_views(model, batch, layers: Sequence[int], views: Sequence[str] = VIE
     layer ``i``, the last one is taken after the final norm (what ``output_hidden_states``
     reports), ``0`` is the input embeddings. When every requested layer is below the last,
     the pass stops right after the deepest one (``early_exit``): later layers cost
-    nothing. fp32 on CPU. With a PeftModel call it under ``model.disable_adapter()``.
+    nothing. fp32 on CPU. With a PeftModel call it under ``lora.adapters_off(model)`` (or peft's ``disable_adapter()``).
     """
     import torch
 
