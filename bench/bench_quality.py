@@ -212,8 +212,8 @@ def ood(workdir: Path, n: int, heldout: int) -> dict:
         router = read_router(reg.router_dir)
         rep = router.meta.representation()
         views = _heldout_views(encoder, allrows, workdir / ".features", [rep.layer])
-        content = views[view_key("image-std", rep.layer)]
-        scores = router.ood.score(router.head[0](rep.features(views)), content).tolist()
+        content, layout = views[view_key("image-std", rep.layer)], views[view_key("layout", rep.layer)]
+        scores = router.ood.score(router.head[0](rep.features(views)), content, layout).tolist()
         by: dict[str, list[float]] = {}
         for r, s in zip(allrows, scores):
             by.setdefault("in" if r["task"] in tasks else r["task"], []).append(s)
@@ -322,7 +322,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--workdir", type=Path, help="keep the demo data, models and caches here (default: a temp dir)")
     ap.add_argument("--samples", type=int, default=100)
-    ap.add_argument("--heldout", type=int, default=25)
+    ap.add_argument("--heldout", type=int, default=100, help="held-out screenshots per task (the demo's own 100)")
     ap.add_argument("--latency-reps", type=int, default=7)
     args = ap.parse_args()
     from vlrouter.cli.ui import quiet_libraries

@@ -79,7 +79,8 @@ def test_dry_run_writes_every_figure_with_sane_values(tmp_path, bench_gpu, repor
 
     assert [b["batch"] for b in r["act_batch"]] == list(bench_gpu.DRY.batches)
     for b in r["act_batch"]:
-        assert b["samples_per_s"] == pytest.approx(b["batch"] / (b["total_ms"] / 1e3), rel=0.01)
+        # rounded to 2 decimals: on a loaded CPU a slow act (0.07/s) is off by more than 1 % from rounding alone
+        assert b["samples_per_s"] == pytest.approx(b["batch"] / (b["total_ms"] / 1e3), rel=0.01, abs=0.006)
         assert 1 <= b["adapters_in_batch"] <= min(b["batch"], 4) and b["vision_calls"] == 1
 
     e = r["embed"]

@@ -10,7 +10,10 @@ from PIL import Image
 
 from vlrouter.core.encoder import build_inputs
 from vlrouter.core.errors import InputError
+from vlrouter.core.layout import LAYOUT_DIM, batch_layouts
 from vlrouter.core.views import (
+    CACHED_VIEWS,
+    LAYOUT,
     VIEWS,
     Representation,
     default_layers,
@@ -57,7 +60,13 @@ def test_every_view_at_every_layer_equals_pooling_what_output_hidden_states_repo
         hs = inner_vl_model(enc.model)(**batch, output_hidden_states=True, use_cache=False).hidden_states
     layers = list(range(enc.num_layers + 1))
     views = encode_views(enc.model, batch, layers, token_ids=enc.token_ids)
-    assert set(views) == {view_key(v, i) for v in VIEWS for i in layers}
+    assert set(views) == {view_key(v, i) for v in CACHED_VIEWS for i in layers}
+    # the layout view comes from the pixels: the same at every layer, one per screenshot, unit length
+    pixels = batch_layouts(batch, [True] * 3, patch=enc.token_ids.patch, temporal=enc.token_ids.temporal,
+                           merge=enc.token_ids.merge)
+    for i in layers:
+        assert torch.equal(views[view_key(LAYOUT, i)], pixels)
+    assert pixels.shape == (3, LAYOUT_DIM)
     masks = view_masks(batch["input_ids"], batch["attention_mask"], enc.token_ids, batch["image_grid_thw"])
     for i in layers:
         ref = pool_views(hs[i], masks, batch["attention_mask"], VIEWS)

@@ -15,7 +15,8 @@ from vlrouter.core.data import read_adapter_dataset
 from vlrouter.core.errors import ImageError
 from vlrouter.core.features import FeatureCache, collate, embed_dataset, feature_key, prepare_shard, sample_keys
 from vlrouter.core.images import open_image
-from vlrouter.core.views import VIEWS
+from vlrouter.core.layout import LAYOUT_DIM
+from vlrouter.core.views import CACHED_VIEWS
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_embed_twice_embeds_nothing_the_second_time(tiny_encoder, samples, tmp_p
     cache = FeatureCache(tmp_path / "cache", tiny_encoder.fingerprint())
     views, stats = embed_dataset(tiny_encoder, samples, cache, layers=LAST, batch_size=5)
     n = tiny_encoder.num_layers
-    assert set(views) == {f"{v}@{n}" for v in VIEWS}
+    assert set(views) == {f"{v}@{n}" for v in CACHED_VIEWS}
     feats = _mean(views)
     assert feats.shape == (len(samples), tiny_encoder.hidden_size) and feats.dtype == torch.float32
     assert stats["embedded_new"] == len(samples) and stats["reused_cached"] == 0
@@ -80,6 +81,25 @@ def test_a_layer_asked_for_later_re_embeds_and_keeps_the_views_already_cached(ti
     assert stats["embedded_new"] == 0  # every entry now holds both layers
     last_only, stats = embed_dataset(tiny_encoder, samples, cache, layers=[-1], batch_size=6)
     assert stats["embedded_new"] == 0 and all(torch.equal(last_only[k], both[k]) for k in last_only)
+
+
+def test_entries_from_before_the_layout_view_are_re_embedded_and_keep_their_views(tiny_encoder, samples, tmp_path):
+    """A cache filled by an older vlrouter holds every hidden-state view but no ``layout``: those samples are
+    embedded again once, the entry rewritten with the layout, and the views it had are unchanged."""
+    cache = FeatureCache(tmp_path / "cache", tiny_encoder.fingerprint())
+    full, _ = embed_dataset(tiny_encoder, samples, cache, layers=LAST, batch_size=6)
+    n = tiny_encoder.num_layers
+    keys = sample_keys(tiny_encoder, samples)
+    for k in keys[:3]:  # as an older version wrote them: no layout
+        entry = cache.get_all(k)
+        cache.path(k).unlink()
+        cache.put(k, {name: t for name, t in entry.items() if not name.startswith("layout@")})
+        assert f"layout@{n}" not in cache.get_all(k)
+    again, stats = embed_dataset(tiny_encoder, samples, cache, layers=LAST, batch_size=6)
+    assert stats["embedded_new"] == 3 and stats["reused_cached"] == len(samples) - 3
+    assert all(torch.equal(again[k], full[k]) for k in full)
+    assert all(f"layout@{n}" in cache.get_all(k) for k in keys)
+    assert again[f"layout@{n}"].shape == (len(samples), LAYOUT_DIM)
 
 
 def test_entries_of_the_old_single_vector_format_are_re_embedded_not_misread(tiny_encoder, samples, tmp_path):

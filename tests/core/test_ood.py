@@ -9,7 +9,8 @@ import torch
 
 from tests.helpers import blobs
 from vlrouter.core.errors import CheckpointError
-from vlrouter.core.ood import MAX_RANK, OODModel, auroc, calibrate, fit_ood
+from vlrouter.core.layout import LAYOUT_DIM
+from vlrouter.core.ood import MAX_LAYOUTS, MAX_RANK, OODModel, auroc, calibrate, fit_ood, keep_layouts
 
 
 def _data(n_per_class, dim, seed=1):
@@ -147,3 +148,134 @@ def test_auroc_matches_sklearn_with_ties_and_is_nan_without_samples():
     assert auroc(inside, outside) == pytest.approx(expected)
     assert auroc([0.0, 0.1], [1.0, 2.0]) == 1.0 and auroc([1.0, 2.0], [0.0, 0.1]) == 0.0
     assert auroc([], [1.0]) != auroc([], [1.0])  # nan
+
+
+# ---- the layout distance ----------------------------------------------------------------------------------------
+
+def _unit(x):
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def _layouts(n, seed, dim=LAYOUT_DIM):
+    """Screens of three kinds: each kind a unit prototype plus a little per-screen variation."""
+    g = torch.Generator().manual_seed(seed)
+    protos = _unit(torch.rand(3, dim, generator=torch.Generator().manual_seed(99)))
+    kind = torch.arange(n) % 3
+    return _unit(protos[kind] + 0.05 * torch.rand(n, dim, generator=g)), kind
+
+
+def _with_layouts():
+    x, y = _data((20, 20, 20), 6)
+    tl, _ = _layouts(60, seed=1)
+    vx, _ = _data((6, 6, 6), 6, seed=2)
+    vl, _ = _layouts(18, seed=2)
+    model = calibrate(fit_ood(x, y, 3, layouts=tl), vx, val_layout=vl)
+    return model, vx, vl
+
+
+def test_a_familiar_looking_input_on_an_unseen_kind_of_screen_is_unknown():
+    """Features typical, layout unlike every training screenshot: the layout distance alone flags it."""
+    model, vx, vl = _with_layouts()
+    assert model.layouts.shape == (60, LAYOUT_DIM) and model.layout is not None
+    known = model.score(vx, layout=vl) <= model.threshold
+    assert float(known.double().mean()) == pytest.approx(0.95, abs=0.06)
+    unseen = _unit(torch.rand(18, LAYOUT_DIM, generator=torch.Generator().manual_seed(5)))
+    assert bool((model.score(vx, layout=unseen) > model.threshold).all())
+    assert bool((model.score(vx, layout=torch.zeros_like(vl)) > model.threshold).all())  # a screen without edges
+    assert torch.equal(model.score(vx), model.score(vx, layout=None))  # not given: not counted
+
+
+def test_with_layouts_the_content_score_is_left_out_and_blank_or_noise_screens_are_still_unknown():
+    """The layout sees a blank screen (no edges) and noise (edges everywhere); the two-sided content score
+    would only add the typical screens' spread to every score."""
+    x, y = _data((20, 20, 20), 6)
+    tl, _ = _layouts(60, seed=1)
+    vx, _ = _data((6, 6, 6), 6, seed=2)
+    vl, _ = _layouts(18, seed=2)
+    g = torch.Generator().manual_seed(4)
+    tc, vc = torch.rand(60, 8, generator=g) + 0.5, torch.rand(18, 8, generator=g) + 0.5
+    model = calibrate(fit_ood(x, y, 3, layouts=tl), vx, vc, tc, val_layout=vl)
+    assert model.content is None and model.layout is not None
+    assert torch.equal(model.score(vx, vc, vl), model.score(vx, None, vl))
+    noise = _unit(torch.ones(18, LAYOUT_DIM) + 0.01 * torch.rand(18, LAYOUT_DIM, generator=g))  # edges everywhere
+    assert bool((model.score(vx, vc, noise) > model.threshold).all())
+    assert bool((model.score(vx, vc, torch.zeros(18, LAYOUT_DIM)) > model.threshold).all())
+    plain = calibrate(fit_ood(x, y, 3), vx, vc, tc, val_layout=vl)  # no training layouts: content it is
+    assert plain.content is not None and plain.layout is None
+
+
+def test_the_score_adds_up_the_evidence_of_every_count_beyond_typical():
+    model, vx, vl = _with_layouts()
+    content = torch.rand(18, 8, generator=torch.Generator().manual_seed(3)) + 0.5
+    model.content = (0.5, 0.25)
+    far = (model.distance(vx).log() - model.far[0]) / model.far[1]
+    busy = ((content.double() ** 2).sum(1).log() - 0.5).abs() / 0.25
+    apart = (model.layout_distance(vl).double() - model.layout[0]) / model.layout[1]
+    expected = (far.clamp_min(0) ** 2 + busy ** 2 + apart.clamp_min(0) ** 2).sqrt()
+    torch.testing.assert_close(model.score(vx, content, vl), expected)
+    model.combine = "max"  # the rule of routers saved before the layout view
+    torch.testing.assert_close(model.score(vx, content, vl), torch.stack([far, busy, apart]).amax(0))
+
+
+def test_the_layout_spread_is_measured_on_new_screenshots_only():
+    """Validation screenshots that are also training screenshots (one screen, several instructions) are at
+    distance 0; the spread is measured without them."""
+    x, y = _data((20, 20, 20), 6)
+    tl, _ = _layouts(60, seed=1)
+    vx, _ = _data((6, 6, 6), 6, seed=2)
+    vl, _ = _layouts(18, seed=2)
+    mixed = torch.cat([vl[:10], tl[:8]])
+    model = calibrate(fit_ood(x, y, 3, layouts=tl), vx, val_layout=mixed)
+    fresh = model.layout_distance(vl[:10]).double()
+    assert model.layout == pytest.approx((float(fresh.mean()), float(fresh.std())))
+    only_copies = calibrate(fit_ood(x, y, 3, layouts=tl), vx[:8], val_layout=tl[:8])
+    assert only_copies.layout[0] == pytest.approx(0.0, abs=1e-6)  # nothing new to measure: all of them, not none
+
+
+def test_kept_layouts_drop_repeats_and_share_the_limit_evenly_between_adapters():
+    layouts, _ = _layouts(40, seed=4)
+    labels = torch.tensor([0] * 30 + [1] * 6 + [2] * 4)
+    repeated = torch.cat([layouts, layouts[:5]])
+    kept = keep_layouts(repeated, torch.cat([labels, labels[:5]]), 3)
+    assert torch.equal(kept, layouts)  # every distinct one, in order, when they fit
+    few = keep_layouts(layouts, labels, 3, limit=16)
+    rows = {tuple(r.tolist()): i for i, r in enumerate(layouts)}
+    picked = torch.tensor([rows[tuple(r.tolist())] for r in few])
+    assert len(few) == 16 and len(set(picked.tolist())) == 16
+    counts = labels[picked].bincount(minlength=3).tolist()
+    assert counts == [6, 6, 4]  # the small adapter keeps all it has; the others share the rest evenly
+    assert torch.equal(keep_layouts(layouts, labels, 3, limit=16), few)  # seeded: the same draw every time
+    assert not torch.equal(keep_layouts(layouts, labels, 3, limit=16, seed=1), few)
+    assert MAX_LAYOUTS >= 4096
+
+
+def test_saved_layouts_score_like_the_fitted_model_and_old_routers_keep_their_rule():
+    model, vx, vl = _with_layouts()
+    meta = json.loads(json.dumps(model.meta()))
+    assert meta["combine"] == "norm" and meta["layout"] == list(model.layout)
+    tensors = model.tensors()
+    assert tensors["ood.layouts"].dtype == torch.float16
+    back = OODModel.from_saved(tensors, meta)
+    assert torch.equal(back.score(vx, layout=vl), model.score(vx, layout=vl))  # stored as fitted: float16
+    old = {k: v for k, v in meta.items() if k not in ("combine", "layout")}
+    legacy = OODModel.from_saved({k: v for k, v in tensors.items() if k != "ood.layouts"}, old)
+    assert legacy.combine == "max" and legacy.layouts is None
+    torch.testing.assert_close(legacy.score(vx, layout=vl), legacy.score(vx))
+
+
+def test_a_router_whose_saved_layouts_do_not_fit_is_refused_with_the_fix(tmp_path):
+    from vlrouter.core.head import HeadShape, build_head
+    from vlrouter.core.store import RouterMeta, read_router, save_router
+
+    x, y = _data((20, 20, 20), 6)
+    tl, _ = _layouts(60, seed=1, dim=LAYOUT_DIM - 2)  # not a layout of this version
+    model = calibrate(fit_ood(x, y, 3, layouts=tl), x, val_layout=tl)
+    shape = HeadShape(in_dim=6, num_labels=3)
+    meta = RouterMeta(adapters=["a", "b", "c"], base_model="m", pooling="mean", layer=-1, hidden_size=6, head=shape)
+    save_router(tmp_path / "r", build_head(shape), meta, ood=model)
+    with pytest.raises(CheckpointError, match=r"ood: the OOD statistics do not fit the head.*ood.layouts"
+                                              r".*router.ood: off"):
+        read_router(tmp_path / "r")
+    good = calibrate(fit_ood(x, y, 3, layouts=_layouts(60, seed=1)[0]), x[:9], val_layout=_layouts(9, seed=3)[0])
+    save_router(tmp_path / "ok", build_head(shape), meta, ood=good)
+    assert torch.equal(read_router(tmp_path / "ok").ood.layouts, good.layouts)

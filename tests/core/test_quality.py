@@ -189,6 +189,34 @@ def test_inputs_unlike_every_adapter_are_unknown_and_act_falls_back(project, tin
     assert json.loads(json.dumps(act.to_dict()))["known"] is False
 
 
+def test_an_unseen_kind_of_screen_in_familiar_colours_is_unknown(tmp_path, tiny_model_dir):
+    """The demo's screens: trained on calendars, claim forms and provider lists (light and dark themes, many
+    accents), the settings screens' toggles score above the known screens although their colours and words
+    are familiar (the layout distance; without it, about chance on this model). The README's figure on the
+    demo's own model and sizes comes from bench/bench_quality.py."""
+    from tests.helpers import registry_text
+    from vlrouter.demo.screens import TASKS as DEMO
+    from vlrouter.demo.screens import write_dataset, write_heldout
+
+    known, unseen = list(DEMO[:3]), DEMO[3]
+    for t in known:
+        write_dataset(t, tmp_path / "data" / t, 60, seed=0)
+    H.make_lora_adapters(tiny_model_dir, tmp_path / "checkpoints", known)
+    (tmp_path / "registry.yaml").write_text(registry_text(
+        tiny_model_dir, [(t, f"data/{t}/train.jsonl") for t in known], **{**DEFAULTS, "pooling": "auto"}))
+    retrain(tmp_path / "registry.yaml")
+    engine = Engine.from_registry(tmp_path / "registry.yaml")
+    rows = write_heldout(tmp_path / "held", 20, seed=1000)
+    routes = engine.route_batch([(r["image"], r["prompt"]) for r in rows])
+    scores = {t: [x.ood_score for r, x in zip(rows, routes) if r["task"] == t] for t in DEMO}
+    inside = [s for t in known for s in scores[t]]
+    assert auroc(inside, scores[unseen]) >= 0.9, auroc(inside, scores[unseen])
+    engine.ood.layout = None  # the same router without the layout distance
+    plain = engine.route_batch([(r["image"], r["prompt"]) for r in rows])
+    without = {t: [x.ood_score for r, x in zip(rows, plain) if r["task"] == t] for t in DEMO}
+    assert auroc([s for t in known for s in without[t]], without[unseen]) < 0.8
+
+
 def test_route_stops_the_base_model_after_the_routers_layer(project):
     path = project / "registry.yaml"
     path.write_text(path.read_text().replace("  pooling: auto", "  pooling: [image-mean, text-mean]\n  layer: 1"))

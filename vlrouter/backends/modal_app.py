@@ -65,7 +65,7 @@ from vlrouter.core.features import (
 )
 from vlrouter.core.options import TrainOptions
 from vlrouter.core.recipe import SplitFeatures, embed_splits, fit_candidate, layers_to_embed
-from vlrouter.core.views import VIEWS, view_key
+from vlrouter.core.views import CACHED_VIEWS, view_key
 
 # ---- settings (env, set by modal_run before import) -------------------------------------
 
@@ -302,7 +302,7 @@ def embed(dataset: str, run_id: str, base_model: str, *, layer: str | int = "aut
     fp = encoder.fingerprint()
     cache = FeatureCache(root / FEATURE_CACHE_DIR, fp)
     layers = layers_to_embed(layer, encoder.num_layers)
-    names = [view_key(v, n) for n in layers for v in VIEWS]
+    names = [view_key(v, n) for n in layers for v in CACHED_VIEWS]
     items = dataset_items(ds_dir)
 
     missing: dict[str, Path] = {}

@@ -70,7 +70,15 @@ from vlrouter.core.registry import Registry
 from vlrouter.core.residency import AdapterPool
 from vlrouter.core.results import BASE, Action, ReloadResult, Route
 from vlrouter.core.store import META_FILE, RouterMeta, check_router_for, read_router
-from vlrouter.core.views import TokenIds, encode_views, inner_vl_model, num_text_layers, resolve_layer, view_key
+from vlrouter.core.views import (
+    LAYOUT,
+    TokenIds,
+    encode_views,
+    inner_vl_model,
+    num_text_layers,
+    resolve_layer,
+    view_key,
+)
 from vlrouter.core.vision import reuse_image_features
 from vlrouter.core.vllm import VLLMClient
 from vlrouter.plugins.manager import get_plugin_manager, load_module_plugin, parse_action
@@ -245,21 +253,23 @@ class Engine:
 
     # ---- routing ------------------------------------------------------------------------
     def _features(self, batch):
-        """The head's input ``[B, D]`` and the ``image-std`` view (None without OOD): the router's views at its
-        layer, base model with adapters disabled, exactly as for training; the pass stops after that layer."""
+        """The head's input ``[B, D]`` and, for the OOD score, the ``image-std`` and ``layout`` views (empty without
+        OOD): the router's views at its layer, base model with adapters disabled, exactly as for training; the
+        pass stops after that layer."""
         rep = self.representation
-        wanted = tuple(dict.fromkeys(rep.views + (("image-std",) if self.ood is not None else ())))
+        wanted = tuple(dict.fromkeys(rep.views + (("image-std", LAYOUT) if self.ood is not None else ())))
         with adapters_off(self.model) if self._pool is not None else nullcontext():
             views = encode_views(self.model, batch, [rep.layer], wanted, token_ids=self.token_ids)
-        return rep.features(views), views.get(view_key("image-std", rep.layer))
+        return rep.features(views), {"content": views.get(view_key("image-std", rep.layer)),
+                                     "layout": views.get(view_key(LAYOUT, rep.layer))}
 
-    def _routes(self, feats, content=None) -> list[Route]:
-        """Routes from the head's features (and the screenshot's ``image-std`` view, for the OOD score)."""
+    def _routes(self, feats, screen=None) -> list[Route]:
+        """Routes from the head's features (and the screenshot's ``content``/``layout`` views, for the OOD score)."""
         torch = self._torch
         with torch.inference_mode():
             logits = self.head(feats.float())
             probs = torch.softmax(logits / float(self.meta.temperature), dim=-1)
-            scores = (self.ood.score(self.head[0](feats.float()), content).tolist()
+            scores = (self.ood.score(self.head[0](feats.float()), **(screen or {})).tolist()
                       if self.ood is not None else None)
         out = []
         for i, row in enumerate(probs.tolist()):

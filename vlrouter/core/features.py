@@ -49,7 +49,7 @@ from vlrouter.core.encoder import Encoder, build_inputs, load_processor, prompt_
 from vlrouter.core.errors import ImageError, InputError, TrainingError, located
 from vlrouter.core.images import image_digest, open_image
 from vlrouter.core.progress import Progress, progress_or_null
-from vlrouter.core.views import VIEW_WIDTH, VIEWS, resolve_layer, view_key
+from vlrouter.core.views import CACHED_VIEWS, LAYOUT, resolve_layer, view_key, view_width
 
 if TYPE_CHECKING:
     import torch
@@ -117,7 +117,7 @@ class FeatureCache:
         fresh = {n: t.detach().float().cpu().contiguous() for n, t in views.items()}
         width = {n: int(t.shape[0]) for n, t in fresh.items()}
         old = {n: t for n, t in (self.get_all(key) or {}).items() if _VIEW_NAME.fullmatch(n)}
-        hidden = min(width.values()) if width else None  # the plain views are H wide
+        hidden = min((w for n, w in width.items() if not n.startswith(f"{LAYOUT}@")), default=None)  # plain: H wide
         merged = {n: t for n, t in old.items() if hidden is not None and usable_views({n: t}, hidden)}
         merged.update(fresh)
         p = self.path(key)
@@ -317,7 +317,7 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
                                  fix="FeatureCache(root, encoder.fingerprint())"))
     n_layers = encoder.num_layers
     layers = sorted({resolve_layer(layer, n_layers) for layer in layers})
-    names = [view_key(v, layer) for layer in layers for v in VIEWS]
+    names = [view_key(v, layer) for layer in layers for v in CACHED_VIEWS]
     prog = progress_or_null(progress)
     samples = list(samples)
     pool: ProcessPoolExecutor | None = None
@@ -384,7 +384,7 @@ def usable_views(views: dict[str, torch.Tensor] | None, dim: int) -> dict[str, t
     if views is None:
         return None
     for name, t in views.items():
-        width = VIEW_WIDTH.get(name.split("@")[0], 1) * int(dim)
+        width = view_width(name.split("@")[0], int(dim))
         if t.ndim != 1 or int(t.shape[0]) != width or not torch.isfinite(t).all():
             return None
     return views

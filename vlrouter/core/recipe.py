@@ -50,7 +50,7 @@ from vlrouter.core.store import (
     same_base_model,
     save_router,
 )
-from vlrouter.core.views import default_layers, resolve_layer, view_key
+from vlrouter.core.views import LAYOUT, default_layers, resolve_layer, view_key
 
 if TYPE_CHECKING:
     pass
@@ -296,9 +296,11 @@ def fit_candidate(dataset_dir: str | Path, features: SplitFeatures, options: Tra
         metrics.update(val_acc=metrics["accuracy"], n_val=len(f.val_y), n_train=len(f.train_y))
         ood = None
         if options.ood != "off":
-            std, content = head[0], view_key("image-std", rep.layer)
-            ood = calibrate(fit_ood(std(tx), f.train_y, len(names)), std(vx), f.val[content], f.train[content])
-            metrics["val_known_rate"] = float((ood.score(std(vx), f.val[content]) <= ood.threshold).double().mean())
+            std, content, layout = head[0], view_key("image-std", rep.layer), view_key(LAYOUT, rep.layer)
+            ood = calibrate(fit_ood(std(tx), f.train_y, len(names), f.train.get(layout)), std(vx), f.val[content],
+                            f.train[content], val_layout=f.val.get(layout))
+            val_scores = ood.score(std(vx), f.val[content], f.val.get(layout))
+            metrics["val_known_rate"] = float((val_scores <= ood.threshold).double().mean())
         if f.eval is not None and len(f.eval_y):
             ex = rep.features(f.eval)
             metrics["eval"] = evaluate(head, ex, f.eval_y, class_names=names, temperature=temperature)
@@ -454,8 +456,8 @@ def evaluate_router(registry: Registry, options: TrainOptions, *, dataset_dir: s
     labels = [index[s.adapter] for s in samples]
     metrics = evaluate(router.head, feats, labels, class_names=list(meta.adapters), temperature=meta.temperature)
     probs = torch.softmax(head_logits(router.head, feats).double() / meta.temperature, dim=-1)
-    content = views.get(view_key("image-std", rep.layer))
-    scores = router.ood.score(router.head[0](feats), content) if router.ood is not None else None
+    content, layout = views.get(view_key("image-std", rep.layer)), views.get(view_key(LAYOUT, rep.layer))
+    scores = router.ood.score(router.head[0](feats), content, layout) if router.ood is not None else None
     rows = []
     for i, s in enumerate(samples):
         p = probs[i].tolist()

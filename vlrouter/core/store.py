@@ -33,6 +33,9 @@ from vlrouter import __version__
 from vlrouter.core.encoder import model_fingerprint
 from vlrouter.core.errors import CheckpointError, LockHeldError, StaleRouterError, located
 from vlrouter.core.head import HeadShape, build_head, head_param_shapes
+from vlrouter.core.layout import LAYOUT_DIM
+from vlrouter.core.ood import LAYOUTS as OOD_LAYOUTS
+from vlrouter.core.ood import MAX_LAYOUTS as OOD_MAX_LAYOUTS
 from vlrouter.core.ood import MAX_RANK as OOD_MAX_RANK
 from vlrouter.core.ood import TENSORS as OOD_TENSORS
 from vlrouter.core.ood import OODModel
@@ -251,11 +254,14 @@ def read_router(router_dir: str | Path) -> Router:
 
 
 def _check_ood_shapes(shapes: dict[str, tuple], meta: RouterMeta, hp: Path) -> None:
-    """The OOD tensors fit the head: class means [C, D], a basis [D, r] of at most MAX_RANK directions, [r] weights."""
+    """The OOD tensors fit the head: class means [C, D], a basis [D, r] of at most MAX_RANK directions, [r] weights;
+    the optional training layouts [M, LAYOUT_DIM], at most MAX_LAYOUTS of them."""
     c, d = meta.head.num_labels, meta.head.in_dim
     means, basis, weights = (shapes.get(k) for k in OOD_TENSORS)
+    layouts = shapes.get(OOD_LAYOUTS)
     ok = means == (c, d) and basis is not None and len(basis) == 2 and basis[0] == d and \
-        basis[1] <= OOD_MAX_RANK and weights == (basis[1],)
+        basis[1] <= OOD_MAX_RANK and weights == (basis[1],) and (
+            layouts is None or len(layouts) == 2 and 0 < layouts[0] <= OOD_MAX_LAYOUTS and layouts[1] == LAYOUT_DIM)
     if not ok:
         raise CheckpointError(located(hp, "ood", f"the OOD statistics do not fit the head ({c} x {d}): {shapes}",
                                       fix="retrain with `router retrain`, or set router.ood: off"))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlrouter.core.errors import InputError, ModelLoadError, located
+from vlrouter.core.layout import LAYOUT_DIM, batch_layouts
 
 # ---- views of the hidden states, from one forward pass --------------------------------------
 
@@ -26,6 +27,15 @@ averaged over each quarter of the screen (top-left, top-right, bottom-left, bott
 4 × H: where things are laid out); ``image-std``: their per-dimension spread (how busy the
 screen is). Never token 0 (constant under causal attention)."""
 VIEW_WIDTH = {"image-grid": 4}  # views wider than the hidden size, in multiples of it
+LAYOUT = "layout"
+"""Not a hidden-state view: the screenshot's edge layout (:mod:`vlrouter.core.layout`), the same at every
+layer, stored beside the views for the OOD score; never a head's input."""
+CACHED_VIEWS = (*VIEWS, LAYOUT)  # what one feature-cache entry holds per layer
+
+
+def view_width(view: str, hidden_size: int) -> int:
+    """How many numbers one view of one sample has."""
+    return LAYOUT_DIM if view == LAYOUT else VIEW_WIDTH.get(view, 1) * hidden_size
 
 
 def view_key(view: str, layer: int) -> str:
@@ -77,7 +87,7 @@ class Representation:
 
     def width(self, hidden_size: int) -> int:
         """Features the head reads: the views' widths (``image-grid`` is 4 × H) added up."""
-        return sum(VIEW_WIDTH.get(v, 1) for v in self.views) * hidden_size
+        return sum(view_width(v, hidden_size) for v in self.views)
 
     def features(self, views: dict[str, Any]):
         """The head's input ``[N, len(views) * H]`` from a dict of pooled views (:func:`encode_views`)."""
@@ -93,12 +103,15 @@ class Representation:
 @dataclass(frozen=True)
 class TokenIds:
     """The special tokens that delimit the screenshot and the instruction in a chat-formatted user turn,
-    and how many patches per side the vision tower merges into one token."""
+    how many patches per side the vision tower merges into one token, and the patches' size in pixels and
+    frames (how ``pixel_values`` is laid out)."""
 
     image: int
     vision_end: int
     turn_end: int
     merge: int = 2
+    patch: int = 16
+    temporal: int = 2
 
     @classmethod
     def of(cls, model, processor) -> TokenIds:
@@ -106,11 +119,17 @@ class TokenIds:
         tok = processor.tokenizer
         image = getattr(cfg, "image_token_id", None)
         vend = getattr(cfg, "vision_end_token_id", None)
-        merge = getattr(getattr(cfg, "vision_config", None), "spatial_merge_size", None)
+        vision = getattr(cfg, "vision_config", None)
+        ip = getattr(processor, "image_processor", None)
+
+        def size(cfg_name: str, proc_name: str, default: int) -> int:
+            return int(getattr(vision, cfg_name, None) or getattr(ip, proc_name, None) or default)
+
         return cls(image=int(image if image is not None else tok.convert_tokens_to_ids("<|image_pad|>")),
                    vision_end=int(vend if vend is not None else tok.convert_tokens_to_ids("<|vision_end|>")),
                    turn_end=int(tok.convert_tokens_to_ids("<|im_end|>")),
-                   merge=int(merge or getattr(processor.image_processor, "merge_size", 2)))
+                   merge=size("spatial_merge_size", "merge_size", 2), patch=size("patch_size", "patch_size", 16),
+                   temporal=size("temporal_patch_size", "temporal_patch_size", 2))
 
 
 def _quarter_masks(image, image_grid_thw, merge: int) -> list[Any]:
@@ -223,9 +242,10 @@ def num_text_layers(model) -> int:
     return int(inner_vl_model(model).language_model.config.num_hidden_layers)
 
 
-def encode_views(model, batch, layers: Sequence[int], views: Sequence[str] = VIEWS, *, token_ids: TokenIds,
+def encode_views(model, batch, layers: Sequence[int], views: Sequence[str] = CACHED_VIEWS, *, token_ids: TokenIds,
                  early_exit: bool = True) -> dict[str, Any]:
-    """Run the VL model once (no LM head) and pool ``views`` at each of ``layers``: ``{"view@layer": [B, H]}``.
+    """Run the VL model once (no LM head) and pool ``views`` at each of ``layers``: ``{"view@layer": [B, H]}``
+    (``layout``: ``[B, LAYOUT_DIM]`` from the batch's pixels, under every layer's name).
 
     Layers are hidden-state indices (:func:`resolve_layer`): ``i`` is the output of decoder
     layer ``i``, the last one is taken after the final norm (what ``output_hidden_states``
@@ -276,10 +296,16 @@ def encode_views(model, batch, layers: Sequence[int], views: Sequence[str] = VIE
     finally:
         for h in hooks:
             h.remove()
+    layout = None
+    if LAYOUT in views:  # from the pixels, not the hidden states: the same at every layer
+        layout = batch_layouts(kwargs, (masks["image-mean"].sum(1) > 0).tolist(), patch=token_ids.patch,
+                               temporal=token_ids.temporal, merge=token_ids.merge)
     result = {}
     for i in wanted:
-        for v, t in pool_views(captured[i], masks, mask, views).items():
+        for v, t in pool_views(captured[i], masks, mask, [v for v in views if v != LAYOUT]).items():
             result[view_key(v, i)] = t.cpu()
+        if layout is not None:
+            result[view_key(LAYOUT, i)] = layout.clone()  # one tensor per name (safetensors refuses shared)
     return result
 
 
