@@ -196,3 +196,59 @@ def test_lbfgs_returns_an_inference_ready_head_and_reports_its_progress_and_spee
     assert prog.tasks == [("training head (lbfgs)", 1, 1)]  # the bar ends full
     assert stats["seconds"] == 0.25
     assert stats["samples_per_s"] == pytest.approx(stats["epochs_run"] * 60 / 0.25, abs=0.1)
+
+
+def test_one_thread_restores_the_callers_thread_count_even_after_an_error():
+    from vlrouter.core.fit import one_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # a caller (the engine, a notebook) that uses several threads
+    try:
+        x, y = _blobs(n_per_class=(4, 4, 4))
+        train_head(x, y, x, y, TrainSection(solver="lbfgs"), num_labels=3, l2=0.1)
+        assert torch.get_num_threads() == 3  # training did not leave torch on one thread
+        with pytest.raises(RuntimeError, match="boom"), one_thread():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_lbfgs_reports_the_validation_loss_and_accuracy_of_the_head_it_returns():
+    x, y = _blobs(spread=4.0)
+    vx, vy = _blobs(n_per_class=(6, 6, 6), seed=3, spread=4.0)
+    head, stats = train_head(x, y, vx, vy, TrainSection(solver="lbfgs"), num_labels=3, l2=0.1)
+    m = evaluate(head, vx, vy, class_names=["a", "b", "c"])
+    assert 0.3 < m["accuracy"] < 1.0  # overlapping blobs: some right, some wrong, so the number is telling
+    assert stats["best_acc"] == pytest.approx(m["accuracy"]) and stats["best_loss"] == pytest.approx(m["nll"])
+
+
+def test_lbfgs_runs_at_most_train_epochs_iterations_and_at_least_one():
+    x, y = _blobs(spread=4.0)
+    losses = []
+    for epochs in (1, 3, 5):
+        _, stats = train_head(x, y, x, y, TrainSection(solver="lbfgs", epochs=epochs), num_labels=3, l2=1e-4)
+        assert 1 <= stats["steps"] <= epochs
+        losses.append(stats["train_loss"])
+    import math
+
+    assert losses[0] < math.log(3) - 0.05  # even train.epochs: 1 fits the head (not the all-zero start)
+    assert losses[0] > losses[1] > losses[2]  # far from converged: each extra iteration allowed is used
+
+
+@pytest.mark.parametrize("folds,counts,used", [
+    (2, (6, 6, 6), 2),  # train.cv_folds as configured
+    (5, (10, 3, 10), 3),  # never more folds than the smallest class has samples
+    (5, (10, 1, 10), 2),  # but always at least two
+])
+def test_choose_l2_cross_validates_over_the_configured_folds_capped_by_the_smallest_class(folds, counts, used):
+    from vlrouter.core.fit import L2_GRID, choose_l2, cv_score, stratified_folds
+
+    x, y = _blobs(n_per_class=counts, dim=4, spread=4.0)
+    _, scores = choose_l2(x, y, num_labels=3, folds=folds, seed=1)
+    split = stratified_folds(y, used, seed=1)
+    assert len(split) == used
+    for s, value in [(scores[0], L2_GRID[0]), (scores[-1], L2_GRID[-1])]:
+        acc, nll, _ = cv_score(x, y, split, num_labels=3, l2=value)
+        assert (s["cv_acc"], s["cv_nll"]) == (round(acc, 4), round(nll, 4)), value
