@@ -139,12 +139,11 @@ def test_reliability_diagram_draws_the_perfect_calibration_diagonal_corner_to_co
     assert hits > 0.6 * len(ts), hits
 
 
-def test_reliability_diagram_is_written_when_the_default_backend_cannot_open_a_window(tmp_path, monkeypatch):
-    # a user's matplotlibrc (or MPLBACKEND) may name a GUI backend; on a headless server it cannot make a figure
+@pytest.fixture
+def gui_default_backend(tmp_path, monkeypatch):
+    """A user's matplotlibrc (or MPLBACKEND) may name a GUI backend; on a headless server it cannot make a figure."""
     import matplotlib
     import matplotlib.pyplot as plt
-
-    from vlrouter.core.metrics import plot_reliability, reliability_bins
 
     (tmp_path / "vlrouter_test_gui_backend.py").write_text(
         "from matplotlib.backend_bases import FigureCanvasBase, FigureManagerBase\n"
@@ -155,9 +154,54 @@ def test_reliability_diagram_is_written_when_the_default_backend_cannot_open_a_w
     monkeypatch.syspath_prepend(str(tmp_path))
     old = matplotlib.get_backend()
     plt.switch_backend("module://vlrouter_test_gui_backend")
-    try:
-        bins = reliability_bins(torch.tensor([[0.9, 0.1], [0.6, 0.4]], dtype=torch.float64), [0, 1], bins=5)
-        out = plot_reliability(bins, tmp_path / "reliability.png")
-    finally:
-        plt.switch_backend(old)
+    yield
+    plt.switch_backend(old)
+
+
+def test_reliability_diagram_is_written_when_the_default_backend_cannot_open_a_window(tmp_path, gui_default_backend):
+    from vlrouter.core.metrics import plot_reliability, reliability_bins
+
+    bins = reliability_bins(torch.tensor([[0.9, 0.1], [0.6, 0.4]], dtype=torch.float64), [0, 1], bins=5)
+    out = plot_reliability(bins, tmp_path / "reliability.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_confusion_plot_is_written_when_the_default_backend_cannot_open_a_window(tmp_path, gui_default_backend):
+    m = classification_metrics([0, 1, 1], [0, 1, 0], ["calendar", "claim-window"])
+    out = plot_confusion(m, tmp_path / "confusion.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reliability_diagram_bars_span_their_bins_with_markers_at_mean_confidence(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from vlrouter.core.metrics import plot_reliability, reliability_bins
+
+    saved = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: saved.append(fig) or real_savefig(fig, *a, **kw))
+    probs = torch.tensor([[0.55, 0.45], [0.65, 0.35], [0.92, 0.08], [0.98, 0.02]], dtype=torch.float64)
+    bins = reliability_bins(probs, [0, 1, 0, 0], bins=5)  # filled: (0.4, 0.6], (0.6, 0.8], (0.8, 1]
+    plot_reliability(bins, tmp_path / "reliability.png")
+    ax = saved[0].axes[0]
+    bars = [v for p in ax.patches for v in (p.get_x(), p.get_width(), p.get_height())]
+    assert bars == pytest.approx([0.4, 0.2, 1.0, 0.6, 0.2, 0.0, 0.8, 0.2, 1.0])  # (x, width, accuracy) per filled bin
+    markers = next(line for line in ax.get_lines() if line.get_marker() == "o")
+    assert list(markers.get_xdata()) == pytest.approx([0.55, 0.65, 0.95])  # at each bin's mean confidence
+    assert list(markers.get_ydata()) == pytest.approx([1.0, 0.0, 1.0])
+
+
+def test_temperature_stops_exactly_at_the_upper_bound_when_the_nll_keeps_falling():
+    from vlrouter.core.metrics import TEMPERATURE_RANGE
+
+    wrong = torch.tensor([[2.0, -2.0]] * 6, dtype=torch.float64)  # confidently wrong every time: T -> infinity
+    assert calibrate_temperature(wrong, [1] * 6) == TEMPERATURE_RANGE[1] == 20.0
+
+
+def test_a_class_never_predicted_or_never_present_scores_zero_not_a_division_error():
+    m = classification_metrics([0, 0, 0], [0, 2, 0], ["a", "b", "c"])  # predictions, labels
+    b, c = m["per_class"]["b"], m["per_class"]["c"]
+    assert b == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}  # never predicted, never present
+    assert c == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}  # present once, never predicted
+    assert m["per_class"]["a"] == {"precision": pytest.approx(2 / 3, abs=1e-4), "recall": 1.0,
+                                   "f1": pytest.approx(0.8), "support": 2}
