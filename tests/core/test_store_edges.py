@@ -75,3 +75,76 @@ def test_without_validation_features_chance_counts_only_the_adapters_validation_
     cand = save_router(tmp_path / "cand", build_head(shape), meta)
     with pytest.raises(PromotionRefused, match=r"balanced accuracy 0.500 does not beat chance 0.500 on 8 validation"):
         promote_with_gate(cand, tmp_path / "router", force=True)
+
+
+def test_temperatures_at_the_lower_limit_load_and_below_it_are_damage(tmp_path):
+    folder = _router(tmp_path / "r", 4, 1.0)
+    meta = json.loads((folder / "router.json").read_text())
+    for ok in (1e-3, 0.05):  # the limit itself, and the lowest temperature calibration gives
+        (folder / "router.json").write_text(json.dumps({**meta, "temperature": ok}))
+        assert load_router(folder)[1].temperature == ok
+    (folder / "router.json").write_text(json.dumps({**meta, "temperature": 9e-4}))
+    with pytest.raises(CheckpointError, match="temperature 0.0009 is not a finite number between 0.001 and 1000"):
+        load_router(folder)
+
+
+def _ood_router(folder):
+    from vlrouter.core.ood import calibrate, fit_ood
+
+    shape = HeadShape(in_dim=4, num_labels=2)
+    x = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1] * 20)
+    x[:, 0] += 4 * y
+    head = build_head(shape)
+    head[0].fit(x)
+    ood = calibrate(fit_ood(head[0](x), y.tolist(), 2), head[0](x[:10]), None, None)
+    meta = RouterMeta(adapters=["a", "b"], base_model=BASE, pooling="mean", layer=-1, hidden_size=4, head=shape,
+                      metrics={"val_acc": 1.0, "n_val": 10})
+    return save_router(folder, head, meta, ood=ood)
+
+
+@pytest.mark.parametrize("name,shape", [("ood.means", (3, 4)), ("ood.basis", (5, 1))])
+def test_ood_statistics_that_do_not_fit_the_head_are_named_before_loading(tmp_path, name, shape):
+    from safetensors.torch import load_file, save_file
+
+    folder = _ood_router(tmp_path / "r")
+    router = load_router(folder)
+    assert router[1].ood is not None  # the intact folder loads, OOD statistics and all
+    state = load_file(str(folder / "head.safetensors"))
+    state[name] = torch.zeros(shape)
+    save_file(state, str(folder / "head.safetensors"))
+    with pytest.raises(CheckpointError, match=r"ood: the OOD statistics do not fit the head \(2 x 4\).*router.ood: off"):
+        load_router(folder)
+
+
+@pytest.mark.parametrize("router_layer,setting,stale", [
+    (0, 0, False), (2, 2, False), (-1, 2, False), (2, -1, False), (-3, 0, False), (0, -3, False),
+    (0, 2, True), (2, 0, True), (-1, 0, True), (0, -1, True), (1, -1, True),
+])
+def test_a_router_layer_matches_the_registry_setting_counting_negative_layers_from_the_end(
+        router_layer, setting, stale):
+    """A model of 2 layers has hidden states 0 (embeddings), 1, 2: -1 is 2, -3 is 0."""
+    from vlrouter.core.errors import StaleRouterError
+    from vlrouter.core.store import check_compatible
+
+    meta = RouterMeta(adapters=["a", "b"], base_model=BASE, pooling="mean", layer=router_layer, num_layers=2,
+                      hidden_size=4, head=HeadShape(in_dim=4, num_labels=2))
+    if not stale:
+        check_compatible(meta, adapters=["a", "b"], layer=setting)
+        return
+    with pytest.raises(StaleRouterError, match=f"layer: stale router: layer {router_layer}, registry says {setting}"):
+        check_compatible(meta, adapters=["a", "b"], layer=setting)
+
+
+def test_promotion_removes_a_crashed_older_candidate_but_not_one_still_being_written(tmp_path):
+    from vlrouter.core.store import new_version_dir, versions_dir
+
+    live = tmp_path / "router"
+    promote(_router(new_version_dir(live), 4, 1.0), live)
+    crashed = new_version_dir(live)  # no router.json: a crash mid-write, before the candidate below
+    cand = _router(new_version_dir(live), 4, 1.0)
+    writing = new_version_dir(live)  # another process's candidate, started after ours, not finished yet
+    promote(cand, live)
+    assert not crashed.exists() and writing.is_dir()
+    assert len(list(versions_dir(live).iterdir())) == 3  # the first live version, ours, and the one being written
+    assert (live / "router.json").is_file() and read_meta(live).hidden_size == 4
