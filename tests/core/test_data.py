@@ -63,6 +63,21 @@ def test_conversation_without_human_turn_names_file_and_line(tmp_path):
     assert f"{path}:5" in str(e.value) and "no human turn" in str(e.value) and "fix:" in str(e.value)
 
 
+@pytest.mark.parametrize("conversations", [None, [], {}, "<image>\nClick March 3", [[]]],
+                         ids=["missing", "empty-list", "object", "text", "list-of-lists"])
+def test_conversations_that_are_not_a_non_empty_list_of_turns_name_the_field_and_line(tmp_path, conversations):
+    path = make_dataset(tmp_path / "cal", "calendar", 3)
+    recs = _lines(path)
+    recs[1]["conversations"] = conversations
+    if conversations is None:
+        del recs[1]["conversations"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    problem = "a turn is not an object" if conversations == [[]] else "missing or not a non-empty list"
+    with pytest.raises(DatasetError) as e:
+        read_adapter_dataset(path, adapter="calendar")
+    assert f"{path}:2: conversations: {problem}" in str(e.value) and "(fix: " in str(e.value), str(e.value)
+
+
 def test_missing_images_are_skipped_with_a_count_and_their_ids(tmp_path):
     path = make_dataset(tmp_path / "cal", "calendar", 5)
     recs = _lines(path)
@@ -218,7 +233,8 @@ def test_a_prompt_keeps_its_text_whether_or_not_it_starts_with_the_image_token(t
 @pytest.mark.parametrize("change,problem", [
     ({"label": 1}, "label 1 / adapter 'calendar' disagrees with metadata.json class_names"),
     ({"label": 7}, "label 7 / adapter 'calendar' disagrees with metadata.json class_names"),
-], ids=["other-adapters-label", "label-out-of-range"])
+    ({"label": 3}, "label 3 / adapter 'calendar' disagrees with metadata.json class_names"),  # == the class count
+], ids=["other-adapters-label", "label-out-of-range", "label-one-past-the-last"])
 def test_a_routing_sample_whose_label_and_adapter_disagree_is_refused(tmp_path, change, problem):
     reg = _registry(tmp_path, n=4)
     out = build_routing_dataset(reg, tmp_path / "ds", seed=0)
