@@ -57,3 +57,19 @@ def test_representation_selection_weighs_classes_inversely_to_their_frequency(ti
     assert counts[0] < counts[1]
     assert len(seen) == 1 and seen[0] is not None
     assert torch.allclose(seen[0], counts.sum() / (2 * counts.float()))
+
+
+def test_a_held_out_eval_split_is_scored_into_router_json_beside_the_validation_metrics(tiny_encoder, tmp_path):
+    """With --eval-samples, router.json's metrics carry the held-out split's own metrics; its head shape is the
+    head's: a linear head has no hidden layer."""
+    reg = Registry.load(make_registry(tmp_path, tiny_encoder.base_model, ["calendar", "claim-window"], n=4))
+    ds = build_routing_dataset(reg, tmp_path / "datasets", train_samples=2, eval_samples=2, seed=0)
+    opts = resolve_options(reg, {"epochs": 5}).model_copy(update={"cache_dir": str(tmp_path / "cache")})
+    cand = train_candidate(ds, reg, opts, encoder=tiny_encoder).dir
+    saved = json.loads((cand / "router.json").read_text())
+    held = saved["metrics"]["eval"]
+    assert held["n"] == 4 and sum(map(sum, held["confusion"])) == 4  # 2 per adapter, none of them validation's
+    assert held["class_names"] == ["calendar", "claim-window"] and held["temperature"] == saved["temperature"]
+    assert saved["metrics"]["n_val"] == len(load_routing_dataset(ds).split("val"))
+    head = load_file(str(cand / "head.safetensors"))
+    assert saved["head"] == {"kind": "linear", "in_dim": head["1.weight"].shape[1], "hidden": 0, "num_labels": 2}

@@ -128,3 +128,62 @@ def test_eval_lists_every_sample_with_its_routing(project):
         assert set(r["probs"]) == set(TASKS) and abs(sum(r["probs"].values()) - 1) < 1e-6
         assert r["routed"] == max(r["probs"], key=r["probs"].get) and isinstance(r["known"], bool)
     assert out["metrics"]["accuracy"] == pytest.approx(sum(r["routed"] == r["adapter"] for r in rows) / len(rows))
+
+
+def test_eval_scores_every_sample_against_the_routers_ood_statistics(project):
+    from vlrouter.core.store import read_router
+
+    reg = Registry.load(project)
+    router = read_router(reg.router_dir)
+    assert router.ood is not None  # router.ood: auto (the default) saved statistics
+    rows = evaluate_router(reg, resolve_options(reg))["samples"]
+    scores = [r["ood_score"] for r in rows]
+    assert all(isinstance(s, float) for s in scores) and len(set(scores)) > 1  # each sample its own score
+    assert [r["known"] for r in rows] == [s <= router.ood.threshold for s in scores]
+
+
+def test_eval_refuses_a_cache_dir_that_cannot_be_a_folder_before_loading_the_model(project, tmp_path, monkeypatch):
+    from vlrouter.core import recipe
+    from vlrouter.core.errors import StorageError
+
+    reg = Registry.load(project)
+    blocker = tmp_path / "cache"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(recipe, "load_encoder", lambda *a, **kw: pytest.fail("the model was loaded first"))
+    opts = resolve_options(reg).model_copy(update={"cache_dir": str(blocker)})
+    with pytest.raises(StorageError, match=r"train\.cache_dir"):
+        evaluate_router(reg, opts)
+
+
+def test_embedding_honours_router_max_prompt_tokens(project, tmp_path):
+    from vlrouter.core.errors import InputError
+    from vlrouter.core.recipe import run_embed
+
+    reg = Registry.load(project)
+    opts = resolve_options(reg).model_copy(update={"cache_dir": str(tmp_path / "cache"), "max_prompt_tokens": 2})
+    with pytest.raises(InputError, match="over router.max_prompt_tokens=2"):
+        run_embed(reg, opts)  # nothing cached: every prompt is tokenized, and none fits in 2 tokens
+
+
+def test_nan_features_are_refused_before_training_naming_the_view_and_the_fix(project, tiny_encoder, monkeypatch):
+    from vlrouter.core import recipe
+    from vlrouter.core.data import newest_routing_dataset
+    from vlrouter.core.errors import InputError
+
+    reg = Registry.load(project)
+    opts = resolve_options(reg)
+    ds = newest_routing_dataset(reg.resolve(opts.datasets_dir))
+    real = recipe.embed_dataset
+
+    def overflowing(*a, **kw):  # what a float16 base model that overflows produces
+        views, stats = real(*a, **kw)
+        key = sorted(views)[0]
+        views[key][1, 0] = float("inf")
+        return views, stats
+
+    monkeypatch.setattr(recipe, "embed_dataset", overflowing)
+    with pytest.raises(InputError) as e:
+        recipe.embed_splits(ds, tiny_encoder, reg.resolve(opts.cache_dir),  # cached by the retrain: nothing embeds
+                            layers=recipe.layers_to_embed("auto", tiny_encoder.num_layers))
+    assert f"{ds}: " in str(e.value) and "1 feature rows contain NaN/inf" in str(e.value)
+    assert "router.dtype: float32" in str(e.value)

@@ -298,3 +298,25 @@ def test_a_relative_base_model_in_router_json_resolves_against_the_registry_fold
     monkeypatch.chdir(elsewhere)
     assert same_base_model("./model", reg)  # written differently, the same folder beside registry.yaml
     assert not same_base_model("./other", reg)
+
+
+def test_an_adapter_edit_keeps_a_better_live_router_unless_forced_and_saves_the_registry_only_after(tmp_path):
+    from vlrouter.core.recipe import Candidate, edit_adapters
+
+    path = make_registry(tmp_path, BASE, ["calendar", "claim-window", "provider-select"], n=3)
+    reg = Registry.load(path)
+    names = ("calendar", "claim-window")  # the live router predates adding provider-select without a retrain
+    promote(_router(reg.router_dir, acc=0.875, adapters=names, bias=0), reg.router_dir)  # scores 0.875 on VAL
+    live, before = _snapshot(reg.router_dir), path.read_bytes()
+    worse = _router(reg.router_dir, acc=0.8125, adapters=names)
+
+    def backend(request):
+        return Candidate(dir=worse, dataset_dir=tmp_path, meta=read_meta(worse), val_views=VAL_X, val_labels=VAL_Y)
+
+    edited = reg.remove_adapter("provider-select")
+    with pytest.raises(PromotionRefused, match="new router 0.812 < live 0.875"):
+        edit_adapters(edited, backend=backend)  # the gate applies unless asked otherwise
+    assert _snapshot(reg.router_dir) == live and path.read_bytes() == before  # registry.yaml not written either
+    result = edit_adapters(edited, backend=backend, force=True)
+    assert result.promoted and os.path.realpath(reg.router_dir) == os.path.realpath(worse)
+    assert Registry.load(path).adapter_names == list(names)
