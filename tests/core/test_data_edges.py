@@ -144,3 +144,29 @@ def test_routing_metadata_with_bad_class_names_is_refused(tmp_path, names):
     (out / "metadata.json").write_text(json.dumps({**meta, "class_names": names}))
     with pytest.raises(DatasetError, match="class_names"):
         load_routing_dataset(out)
+
+
+def test_a_non_ascii_prompt_is_written_as_readable_utf8_text(tmp_path):
+    reg = _registry(tmp_path, {"calendar": 3, "claim-window": 3})
+    src = tmp_path / "data" / "calendar" / "train.jsonl"
+    recs = _lines(src)
+    prompt = "Klicke auf „Speichern“ – 保存"
+    for r in recs:
+        r["conversations"][0]["value"] = "<image>\n" + prompt
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = build_routing_dataset(reg, tmp_path / "ds", seed=0)
+    text = (out / "train.jsonl").read_text(encoding="utf-8") + (out / "val.jsonl").read_text(encoding="utf-8")
+    assert text.count(prompt) == 3  # greppable as written, not \\u escapes
+
+
+def test_a_sampled_build_reads_only_the_images_it_draws(tmp_path, monkeypatch):
+    """--train-samples from a big dataset: images are checked as they are drawn, not all of them up front."""
+    from vlrouter.core import data
+
+    reg = _registry(tmp_path, {"calendar": 12, "claim-window": 12})
+    checked = []
+    real = data.verify_image
+    monkeypatch.setattr(data, "verify_image", lambda p: checked.append(Path(p).name) or real(p))
+    out = build_routing_dataset(reg, tmp_path / "ds", train_samples=3, seed=0)
+    drawn = [Path(r["image"]).name for split in ("train", "val") for r in _lines(out / f"{split}.jsonl")]
+    assert len(drawn) == 6 and sorted(checked) == sorted(drawn)
