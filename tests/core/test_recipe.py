@@ -73,3 +73,30 @@ def test_a_held_out_eval_split_is_scored_into_router_json_beside_the_validation_
     assert saved["metrics"]["n_val"] == len(load_routing_dataset(ds).split("val"))
     head = load_file(str(cand / "head.safetensors"))
     assert saved["head"] == {"kind": "linear", "in_dim": head["1.weight"].shape[1], "hidden": 0, "num_labels": 2}
+
+
+def test_split_features_survive_the_file_a_remote_backend_hands_over(tmp_path):
+    """to_file/from_file (Modal's embed -> fit hand-over): every split's views, labels, encoder and stats come
+    back; a dataset without an eval split comes back without one."""
+    from vlrouter.core.encoder import EncoderInfo
+    from vlrouter.core.recipe import SplitFeatures
+
+    g = torch.Generator().manual_seed(0)
+    info = EncoderInfo(base_model="/models/tiny", hidden_size=4, num_layers=2, fingerprint="abc123")
+
+    def views(n):
+        return {"mean@2": torch.randn(n, 4, generator=g), "image-grid@1": torch.randn(n, 8, generator=g)}
+
+    full = SplitFeatures(class_names=["calendar", "claim-window"], encoder=info, layers=[1, 2], train=views(5),
+                         train_y=[0, 1, 0, 1, 1], val=views(2), val_y=[1, 0], eval=views(3), eval_y=[0, 0, 1],
+                         stats={"embedded_new": 10, "reused_cached": 0})
+    back = SplitFeatures.from_file(full.to_file(tmp_path / "nested" / "features.safetensors"))
+    assert (back.class_names, back.encoder, back.layers, back.stats) == (full.class_names, info, [1, 2], full.stats)
+    assert (back.train_y, back.val_y, back.eval_y) == (full.train_y, full.val_y, full.eval_y)
+    for split in ("train", "val", "eval"):
+        want, got = getattr(full, split), getattr(back, split)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), split
+    no_eval = SplitFeatures(class_names=full.class_names, encoder=info, layers=[2], train=full.train,
+                            train_y=full.train_y, val=full.val, val_y=full.val_y)
+    back = SplitFeatures.from_file(no_eval.to_file(tmp_path / "no-eval.safetensors"))
+    assert back.eval is None and back.eval_y == [] and back.layers == [2]

@@ -113,7 +113,8 @@ def test_ood_statistics_that_do_not_fit_the_head_are_named_before_loading(tmp_pa
     state = load_file(str(folder / "head.safetensors"))
     state[name] = torch.zeros(shape)
     save_file(state, str(folder / "head.safetensors"))
-    with pytest.raises(CheckpointError, match=r"ood: the OOD statistics do not fit the head \(2 x 4\).*router.ood: off"):
+    with pytest.raises(CheckpointError,
+                       match=r"ood: the OOD statistics do not fit the head \(2 x 4\).*router.ood: off"):
         load_router(folder)
 
 
@@ -148,3 +149,36 @@ def test_promotion_removes_a_crashed_older_candidate_but_not_one_still_being_wri
     assert not crashed.exists() and writing.is_dir()
     assert len(list(versions_dir(live).iterdir())) == 3  # the first live version, ours, and the one being written
     assert (live / "router.json").is_file() and read_meta(live).hidden_size == 4
+
+
+def test_a_router_json_key_from_a_newer_vlrouter_is_named_in_a_warning_and_ignored(tmp_path):
+    folder = _router(tmp_path / "r", 4, 1.0)
+    meta = json.loads((folder / "router.json").read_text())
+    (folder / "router.json").write_text(json.dumps({**meta, "calibration_v3": {"a": 1}}))
+    with pytest.warns(UserWarning, match=r"ignoring unknown keys \['calibration_v3'\]"):
+        head, loaded = load_router(folder)
+    assert loaded.adapters == ["a", "b"] and head[1].weight.shape == (2, 4)
+
+
+def test_a_head_width_that_does_not_match_the_representation_is_named(tmp_path):
+    folder = _router(tmp_path / "r", 4, 1.0)
+    meta = json.loads((folder / "router.json").read_text())
+    (folder / "router.json").write_text(json.dumps({**meta, "hidden_size": 8}))  # mean of 8 dims: 8 features
+    with pytest.raises(CheckpointError, match=r"head\.in_dim: the head takes 4 features, but .* of hidden size 8 "
+                                              r"gives 8 \(fix: retrain"):
+        read_meta(folder)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "\"router\"", "null"])
+def test_a_router_json_that_is_not_an_object_is_named(tmp_path, text):
+    folder = _router(tmp_path / "r", 4, 1.0)
+    (folder / "router.json").write_text(text)
+    with pytest.raises(CheckpointError, match=r"router\.json: top level is not an object \(fix: retrain"):
+        read_meta(folder)
+
+
+@pytest.mark.parametrize("layer,num_layers,resolved", [(-1, 2, 2), (-3, 2, 0), (1, 2, 1), (0, None, 0), (-1, None, -1)])
+def test_a_router_reads_its_layer_counted_from_the_end_when_it_knows_the_depth(layer, num_layers, resolved):
+    meta = RouterMeta(adapters=["a", "b"], base_model=BASE, pooling=["mean"], layer=layer, num_layers=num_layers,
+                      hidden_size=4, head=HeadShape(in_dim=4, num_labels=2))
+    assert meta.representation().layer == resolved  # format 1 (no num_layers): -1 stays "the last"
