@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -126,6 +127,8 @@ def test_build_routing_dataset_layout_labels_and_stratified_split(tmp_path):
     assert meta["counts"] == {"train": {n: 8 for n in reg.adapter_names}, "val": {n: 2 for n in reg.adapter_names}}
     for src, entry in zip(meta["sources"], reg.adapters):
         assert src["adapter"] == entry.name and len(src["sha256"]) == 64
+        assert src["path"] == str(reg.resolve(entry.dataset)) and src["read"] == 10
+        assert src["sha256"] == hashlib.sha256(Path(src["path"]).read_bytes()).hexdigest()  # the file's content
     ds = load_routing_dataset(out)
     train, val = ds.split("train"), ds.split("val")
     assert {s.id for s in train}.isdisjoint({s.id for s in val})

@@ -170,3 +170,24 @@ def test_a_sampled_build_reads_only_the_images_it_draws(tmp_path, monkeypatch):
     out = build_routing_dataset(reg, tmp_path / "ds", train_samples=3, seed=0)
     drawn = [Path(r["image"]).name for split in ("train", "val") for r in _lines(out / f"{split}.jsonl")]
     assert len(drawn) == 6 and sorted(checked) == sorted(drawn)
+
+
+def test_a_decompression_bomb_is_refused_quietly(tmp_path):
+    """Over PIL's pixel limit: one reason for the skipped-samples summary, no PIL warning printed beside it."""
+    import struct
+    import warnings
+    import zlib
+
+    from vlrouter.core.data import verify_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    bomb = tmp_path / "bomb.png"  # 10000 x 10000 = 100M pixels claimed by the header (PIL warns above 89.5M)
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 10_000, 10_000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 8)) + chunk(b"IEND", b""))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reason = verify_image(bomb)
+    assert reason and "DecompressionBomb" in reason
+    assert not caught, [str(w.message) for w in caught]

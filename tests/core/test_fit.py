@@ -238,6 +238,7 @@ def test_lbfgs_runs_at_most_train_epochs_iterations_and_at_least_one():
 
 
 @pytest.mark.parametrize("folds,counts,used", [
+    (None, (6, 6, 6), 5),  # the default: train.cv_folds' default, 5
     (2, (6, 6, 6), 2),  # train.cv_folds as configured
     (5, (10, 3, 10), 3),  # never more folds than the smallest class has samples
     (5, (10, 1, 10), 2),  # but always at least two
@@ -246,9 +247,51 @@ def test_choose_l2_cross_validates_over_the_configured_folds_capped_by_the_small
     from vlrouter.core.fit import L2_GRID, choose_l2, cv_score, stratified_folds
 
     x, y = _blobs(n_per_class=counts, dim=4, spread=4.0)
-    _, scores = choose_l2(x, y, num_labels=3, folds=folds, seed=1)
+    _, scores = choose_l2(x, y, num_labels=3, seed=1, **({} if folds is None else {"folds": folds}))
     split = stratified_folds(y, used, seed=1)
     assert len(split) == used
     for s, value in [(scores[0], L2_GRID[0]), (scores[-1], L2_GRID[-1])]:
         acc, nll, _ = cv_score(x, y, split, num_labels=3, l2=value)
         assert (s["cv_acc"], s["cv_nll"]) == (round(acc, 4), round(nll, 4)), value
+
+
+def test_a_one_step_run_is_still_evaluated_after_its_step_and_keeps_that_head():
+    x, y = _blobs(n_per_class=(3, 3, 3))
+    vx, vy = _blobs(n_per_class=(2, 2, 2), seed=1)
+    head, stats = train_head(x, y, vx, vy, _opts(epochs=1, batch_size=64, eval_every=5, lr=0.5), num_labels=3)
+    assert stats["steps"] == 1 and [h["step"] for h in stats["history"]] == [1]  # one batch, evaluated after it
+    assert stats["best_step"] == 1 and stats["best_loss"] == pytest.approx(stats["history"][0]["val_loss"])
+    assert evaluate(head, vx, vy, class_names=["a", "b", "c"])["nll"] == pytest.approx(stats["best_loss"], rel=1e-5)
+
+
+def test_adamw_reports_its_progress_as_steps_of_every_epoch():
+    from vlrouter.core.progress import RecordingProgress
+
+    x, y = _blobs(n_per_class=(3, 3, 3))  # 9 samples in batches of 4: 3 steps an epoch
+    prog = RecordingProgress()
+    train_head(x, y, x, y, _opts(epochs=4, batch_size=4, eval_every=5, patience=100), prog, num_labels=3)
+    assert prog.tasks == [("training head", 12, 12)]  # the bar's total is epochs x steps, and it ends full
+
+
+def test_lbfgs_reports_as_its_work_the_passes_it_made_over_the_training_split(monkeypatch):
+    """stats["epochs_run"] (lbfgs): loss-and-gradient evaluations, each one pass over every training sample."""
+    from torch import nn
+
+    from vlrouter.core.fit import fit_logistic
+
+    x, y = _blobs(spread=4.0)
+    passes = []
+    real = nn.functional.cross_entropy
+    monkeypatch.setattr(nn.functional, "cross_entropy", lambda z, *a, **kw: passes.append(len(z)) or real(z, *a, **kw))
+    _, _, stats = fit_logistic(x, y, num_labels=3, l2=0.1, max_iter=4)
+    assert passes and set(passes) == {60}
+    assert stats["evaluations"] == len(passes) - 1  # the last call scores the result: not an optimisation step
+    assert 1 <= stats["iterations"] <= 4
+
+
+def test_adamw_scores_the_mlp_without_dropout_so_the_best_loss_is_the_returned_heads():
+    x, y = _blobs(spread=4.0)
+    vx, vy = _blobs(n_per_class=(6, 6, 6), seed=3, spread=4.0)
+    head, stats = train_head(x, y, vx, vy, _opts(head="mlp", head_hidden=32, epochs=3), num_labels=3)
+    m = evaluate(head, vx, vy, class_names=["a", "b", "c"])  # the returned head, in eval mode (dropout off)
+    assert stats["best_loss"] == pytest.approx(m["nll"], rel=1e-5) and stats["best_acc"] == pytest.approx(m["accuracy"])

@@ -75,6 +75,24 @@ def test_a_held_out_eval_split_is_scored_into_router_json_beside_the_validation_
     assert saved["head"] == {"kind": "linear", "in_dim": head["1.weight"].shape[1], "hidden": 0, "num_labels": 2}
 
 
+def test_router_json_records_the_l2_cross_validation_chose_for_lbfgs_and_none_for_adamw(tiny_encoder, tmp_path):
+    from vlrouter.core.fit import L2_GRID
+    from vlrouter.core.selection import DEFAULT_L2
+
+    reg = Registry.load(make_registry(tmp_path, tiny_encoder.base_model, ["calendar", "claim-window"], n=4))
+    ds = build_routing_dataset(reg, tmp_path / "datasets", seed=0)
+    opts = resolve_options(reg, {"epochs": 5}).model_copy(update={"cache_dir": str(tmp_path / "cache"),
+                                                                   "solver": "lbfgs"})
+    assert opts.l2 == "auto"
+    lbfgs = json.loads((train_candidate(ds, reg, opts, encoder=tiny_encoder).dir / "router.json").read_text())
+    tried = [c["l2"] for c in lbfgs["selection"]["l2_candidates"]]
+    assert tried == list(L2_GRID) and lbfgs["l2"] == lbfgs["selection"]["l2"] and lbfgs["l2"] in L2_GRID
+    adamw = opts.model_copy(update={"solver": "adamw"})  # l2 only compares representations, at the default
+    saved = json.loads((train_candidate(ds, reg, adamw, encoder=tiny_encoder).dir / "router.json").read_text())
+    assert saved["solver"] == "adamw" and saved["l2"] is None
+    assert saved["selection"]["l2"] == DEFAULT_L2 and saved["selection"]["l2_candidates"] == []
+
+
 def test_split_features_survive_the_file_a_remote_backend_hands_over(tmp_path):
     """to_file/from_file (Modal's embed -> fit hand-over): every split's views, labels, encoder and stats come
     back; a dataset without an eval split comes back without one."""
@@ -90,7 +108,7 @@ def test_split_features_survive_the_file_a_remote_backend_hands_over(tmp_path):
     full = SplitFeatures(class_names=["calendar", "claim-window"], encoder=info, layers=[1, 2], train=views(5),
                          train_y=[0, 1, 0, 1, 1], val=views(2), val_y=[1, 0], eval=views(3), eval_y=[0, 0, 1],
                          stats={"embedded_new": 10, "reused_cached": 0})
-    back = SplitFeatures.from_file(full.to_file(tmp_path / "nested" / "features.safetensors"))
+    back = SplitFeatures.from_file(full.to_file(tmp_path / "run" / "embed" / "features.safetensors"))
     assert (back.class_names, back.encoder, back.layers, back.stats) == (full.class_names, info, [1, 2], full.stats)
     assert (back.train_y, back.val_y, back.eval_y) == (full.train_y, full.val_y, full.eval_y)
     for split in ("train", "val", "eval"):

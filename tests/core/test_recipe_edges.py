@@ -187,3 +187,16 @@ def test_nan_features_are_refused_before_training_naming_the_view_and_the_fix(pr
                             layers=recipe.layers_to_embed("auto", tiny_encoder.num_layers))
     assert f"{ds}: " in str(e.value) and "1 feature rows contain NaN/inf" in str(e.value)
     assert "router.dtype: float32" in str(e.value)
+
+
+def test_retrain_refuses_a_datasets_dir_that_cannot_be_a_folder_before_the_backend_runs(project, tmp_path):
+    from vlrouter.core.errors import StorageError
+
+    reg = Registry.load(project)
+    blocker = tmp_path / "datasets"
+    blocker.write_text("not a folder")
+    opts = resolve_options(reg).model_copy(update={"datasets_dir": str(blocker)})
+    called = []
+    with pytest.raises(StorageError, match=r"train\.datasets_dir"):
+        run_retrain(reg, opts, lambda request: called.append(request))
+    assert not called

@@ -88,17 +88,17 @@ def test_temperatures_at_the_lower_limit_load_and_below_it_are_damage(tmp_path):
         load_router(folder)
 
 
-def _ood_router(folder):
+def _ood_router(folder, dim=4, n=40):
     from vlrouter.core.ood import calibrate, fit_ood
 
-    shape = HeadShape(in_dim=4, num_labels=2)
-    x = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
-    y = torch.tensor([0, 1] * 20)
+    shape = HeadShape(in_dim=dim, num_labels=2)
+    x = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1] * (n // 2))
     x[:, 0] += 4 * y
     head = build_head(shape)
     head[0].fit(x)
     ood = calibrate(fit_ood(head[0](x), y.tolist(), 2), head[0](x[:10]), None, None)
-    meta = RouterMeta(adapters=["a", "b"], base_model=BASE, pooling="mean", layer=-1, hidden_size=4, head=shape,
+    meta = RouterMeta(adapters=["a", "b"], base_model=BASE, pooling="mean", layer=-1, hidden_size=dim, head=shape,
                       metrics={"val_acc": 1.0, "n_val": 10})
     return save_router(folder, head, meta, ood=ood)
 
@@ -182,3 +182,46 @@ def test_a_router_reads_its_layer_counted_from_the_end_when_it_knows_the_depth(l
     meta = RouterMeta(adapters=["a", "b"], base_model=BASE, pooling=["mean"], layer=layer, num_layers=num_layers,
                       hidden_size=4, head=HeadShape(in_dim=4, num_labels=2))
     assert meta.representation().layer == resolved  # format 1 (no num_layers): -1 stays "the last"
+
+
+@pytest.mark.parametrize("dim", [8, 300], ids=["few-samples", "wider-than-the-rank-limit"])
+def test_ood_statistics_with_fewer_directions_than_features_load(tmp_path, dim):
+    """6 samples span at most 6 directions: the basis is [D, r] with r < D, and D may exceed MAX_RANK."""
+    from vlrouter.core.store import read_router
+
+    folder = _ood_router(tmp_path / "r", dim=dim, n=6)
+    router = read_router(folder)
+    d, r = router.ood.basis.shape
+    assert d == dim and 1 <= r < 6 and router.ood.weights.shape == (r,)
+    scores = router.ood.score(router.head[0](torch.zeros(3, dim)), None)
+    assert scores.shape == (3,) and torch.isfinite(scores).all()
+
+
+def test_a_head_that_does_not_match_router_json_names_its_first_differences(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _router(tmp_path / "r", 4, 1.0)
+    state = load_file(str(folder / "head.safetensors"))
+    for name in ("0.mean", "0.std", "1.weight", "1.bias"):  # every tensor of another width
+        state[name] = torch.ones(*[5 if n == 4 else n for n in state[name].shape])
+    save_file(state, str(folder / "head.safetensors"))
+    with pytest.raises(CheckpointError) as e:
+        load_router(folder)
+    # the first differing tensor, with the shape router.json implies and the one in the file; not all of them
+    assert ("weights do not match router.json's head shape (linear, 4 -> 2): differs at "
+            "[('0.mean', (4,)), ('0.mean', (5,))] (fix: retrain") in str(e.value)
+
+
+def test_a_router_is_written_in_format_2_and_a_later_format_is_refused(tmp_path):
+    """Format 2 (views list, hidden-state layer, OOD statistics): what vlrouter releases since it read and write."""
+    from safetensors import safe_open
+
+    folder = _router(tmp_path / "r", 4, 1.0)
+    meta = json.loads((folder / "router.json").read_text())
+    assert meta["format_version"] == 2
+    with safe_open(str(folder / "head.safetensors"), framework="pt") as f:
+        assert f.metadata()["vlrouter_format_version"] == "2"
+    (folder / "router.json").write_text(json.dumps({**meta, "format_version": 3}))
+    with pytest.raises(CheckpointError, match=r"format_version: format 3 is newer than this vlrouter understands "
+                                              r"\(2\)"):
+        read_meta(folder)
