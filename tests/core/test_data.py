@@ -225,6 +225,7 @@ def test_a_prompt_keeps_its_text_whether_or_not_it_starts_with_the_image_token(t
     assert strip_image_token("Click March 3 in the calendar") == "Click March 3 in the calendar"
     assert strip_image_token("  <image>\nClick March 3  ") == "Click March 3"
     assert strip_image_token("Click <image> March 3") == "Click  March 3"
+    assert strip_image_token("<image>Click March 3") == "Click March 3"  # no newline after it: nothing else goes
     path = make_dataset(tmp_path / "cal", "calendar", 2)
     recs = _lines(path)
     recs[0]["conversations"][0]["value"] = "Click March 3 in the calendar"  # no <image> placeholder

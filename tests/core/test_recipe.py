@@ -84,7 +84,10 @@ def test_router_json_records_the_l2_cross_validation_chose_for_lbfgs_and_none_fo
     opts = resolve_options(reg, {"epochs": 5}).model_copy(update={"cache_dir": str(tmp_path / "cache"),
                                                                    "solver": "lbfgs"})
     assert opts.l2 == "auto"
-    lbfgs = json.loads((train_candidate(ds, reg, opts, encoder=tiny_encoder).dir / "router.json").read_text())
+    cand = train_candidate(ds, reg, opts, encoder=tiny_encoder)
+    lbfgs = json.loads((cand.dir / "router.json").read_text())
+    assert cand.stats["train"]["solver"] == "lbfgs" and cand.stats["train"]["l2"] == lbfgs["l2"]
+    assert "history" not in cand.stats["train"]  # per-evaluation history stays out of the run's summary
     tried = [c["l2"] for c in lbfgs["selection"]["l2_candidates"]]
     assert tried == list(L2_GRID) and lbfgs["l2"] == lbfgs["selection"]["l2"] and lbfgs["l2"] in L2_GRID
     adamw = opts.model_copy(update={"solver": "adamw"})  # l2 only compares representations, at the default

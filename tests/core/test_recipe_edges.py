@@ -200,3 +200,25 @@ def test_retrain_refuses_a_datasets_dir_that_cannot_be_a_folder_before_the_backe
     with pytest.raises(StorageError, match=r"train\.datasets_dir"):
         run_retrain(reg, opts, lambda request: called.append(request))
     assert not called
+
+
+def test_eval_probabilities_are_the_routers_softmax_after_its_temperature(project, tiny_encoder):
+    import torch
+
+    from vlrouter.core.data import load_routing_dataset, newest_routing_dataset
+    from vlrouter.core.features import FeatureCache, embed_dataset
+    from vlrouter.core.head import head_logits
+    from vlrouter.core.store import read_router
+
+    reg = Registry.load(project)
+    opts = resolve_options(reg)
+    router = read_router(reg.router_dir)
+    assert router.meta.temperature != 1.0  # calibrated: the division is visible
+    val = load_routing_dataset(newest_routing_dataset(reg.resolve(opts.datasets_dir))).split("val")
+    rep = router.meta.representation()
+    views, _ = embed_dataset(tiny_encoder, val, FeatureCache(reg.resolve(opts.cache_dir), tiny_encoder.fingerprint()),
+                             layers=[rep.layer])
+    want = torch.softmax(head_logits(router.head, rep.features(views)).double() / router.meta.temperature, dim=-1)
+    rows = evaluate_router(reg, opts)["samples"]
+    got = torch.tensor([[r["probs"][name] for name in router.meta.adapters] for r in rows], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)

@@ -316,6 +316,8 @@ def test_an_adapter_edit_keeps_a_better_live_router_unless_forced_and_saves_the_
     edited = reg.remove_adapter("provider-select")
     with pytest.raises(PromotionRefused, match="new router 0.812 < live 0.875"):
         edit_adapters(edited, backend=backend)  # the gate applies unless asked otherwise
+    with pytest.raises(PromotionRefused, match="new router 0.812 < live 0.875"):
+        run_retrain(edited, resolve_options(edited), backend)  # `router retrain` without --force: the same
     assert _snapshot(reg.router_dir) == live and path.read_bytes() == before  # registry.yaml not written either
     result = edit_adapters(edited, backend=backend, force=True)
     assert result.promoted and os.path.realpath(reg.router_dir) == os.path.realpath(worse)

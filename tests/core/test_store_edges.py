@@ -225,3 +225,23 @@ def test_a_router_is_written_in_format_2_and_a_later_format_is_refused(tmp_path)
     with pytest.raises(CheckpointError, match=r"format_version: format 3 is newer than this vlrouter understands "
                                               r"\(2\)"):
         read_meta(folder)
+
+
+def test_an_ood_basis_of_exactly_the_rank_limit_loads_and_one_more_direction_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from vlrouter.core.ood import MAX_RANK
+    from vlrouter.core.store import read_router
+
+    folder = _ood_router(tmp_path / "r", dim=MAX_RANK + 8, n=6)
+    state = load_file(str(folder / "head.safetensors"))
+    for rank, loads in ((MAX_RANK, True), (MAX_RANK + 1, False)):
+        basis = torch.zeros(MAX_RANK + 8, rank)
+        basis[:rank, :rank] = torch.eye(rank)  # orthonormal directions, as fit_ood keeps them
+        save_file({**state, "ood.basis": basis, "ood.weights": torch.full((rank,), 0.5)},
+                  str(folder / "head.safetensors"))
+        if loads:
+            assert read_router(folder).ood.basis.shape == (MAX_RANK + 8, MAX_RANK)
+        else:
+            with pytest.raises(CheckpointError, match="ood: the OOD statistics do not fit the head"):
+                read_router(folder)
