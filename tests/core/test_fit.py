@@ -295,3 +295,13 @@ def test_adamw_scores_the_mlp_without_dropout_so_the_best_loss_is_the_returned_h
     head, stats = train_head(x, y, vx, vy, _opts(head="mlp", head_hidden=32, epochs=3), num_labels=3)
     m = evaluate(head, vx, vy, class_names=["a", "b", "c"])  # the returned head, in eval mode (dropout off)
     assert stats["best_loss"] == pytest.approx(m["nll"], rel=1e-5) and stats["best_acc"] == pytest.approx(m["accuracy"])
+
+
+def test_tensorboard_logging_leaves_no_writer_thread_behind(tmp_path):
+    import threading
+
+    x, y = _blobs(n_per_class=(3, 3, 3))
+    before = set(threading.enumerate())
+    train_head(x, y, x, y, _opts(epochs=1), num_labels=3, log_dir=tmp_path / "tb")
+    assert set(threading.enumerate()) - before == set()  # a loop of retrains must not pile up writer threads
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

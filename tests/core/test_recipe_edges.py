@@ -222,3 +222,20 @@ def test_eval_probabilities_are_the_routers_softmax_after_its_temperature(projec
     rows = evaluate_router(reg, opts)["samples"]
     got = torch.tensor([[r["probs"][name] for name in router.meta.adapters] for r in rows], dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_the_encoder_is_loaded_with_the_runs_model_settings_and_prompt_limit(project, monkeypatch):
+    from types import SimpleNamespace
+
+    from vlrouter.core import recipe
+    from vlrouter.core.encoder import prompt_token_limit
+
+    reg = Registry.load(project)
+    opts = resolve_options(reg).model_copy(update={"device": "cpu", "dtype": "float32", "max_prompt_tokens": 77,
+                                                   "base_model_revision": "v1.2"})
+    calls = []
+    monkeypatch.setattr(recipe.Encoder, "load", lambda *a, **kw: calls.append((a, kw)) or SimpleNamespace(
+        processor=SimpleNamespace()))
+    enc = recipe.load_encoder(opts)
+    assert calls == [((opts.base_model,), {"device": "cpu", "dtype": "float32", "revision": "v1.2"})]
+    assert prompt_token_limit(enc.processor) == 77

@@ -322,3 +322,20 @@ def test_an_adapter_edit_keeps_a_better_live_router_unless_forced_and_saves_the_
     result = edit_adapters(edited, backend=backend, force=True)
     assert result.promoted and os.path.realpath(reg.router_dir) == os.path.realpath(worse)
     assert Registry.load(path).adapter_names == list(names)
+
+
+def test_a_router_trained_on_a_hub_model_matches_the_registry_naming_that_id(tmp_path):
+    from vlrouter.core.store import same_base_model
+
+    reg = Registry.load(make_registry(tmp_path, BASE, ["calendar", "claim-window"], n=2))
+    assert same_base_model(BASE, reg) and same_base_model(BASE, reg, "0123456789abcdef")  # no local folder to check
+    assert not same_base_model("Qwen/Qwen3-VL-2B-Instruct", reg)
+
+
+def test_a_router_for_other_adapters_is_stale_for_the_registry(tmp_path):
+    from vlrouter.core.store import check_router_for
+
+    reg = Registry.load(make_registry(tmp_path, BASE, ["calendar", "claim-window", "provider-select"], n=2))
+    promote(_router(reg.router_dir, acc=0.9, adapters=("calendar", "claim-window")), reg.router_dir)
+    with pytest.raises(StaleRouterError, match=r"adapters: stale router: the adapter set differs"):
+        check_router_for(read_meta(reg.router_dir), reg)

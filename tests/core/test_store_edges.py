@@ -245,3 +245,11 @@ def test_an_ood_basis_of_exactly_the_rank_limit_loads_and_one_more_direction_is_
         else:
             with pytest.raises(CheckpointError, match="ood: the OOD statistics do not fit the head"):
                 read_router(folder)
+
+
+def test_a_lock_beside_a_router_dir_whose_parent_is_a_file_is_a_located_storage_error(tmp_path):
+    from vlrouter.core.errors import StorageError
+
+    (tmp_path / "runs").write_text("not a folder")
+    with pytest.raises(StorageError, match="router.dir"):
+        RouterLock(tmp_path / "runs" / "router")
