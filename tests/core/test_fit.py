@@ -84,6 +84,7 @@ def test_lbfgs_head_converges_to_the_regularised_optimum_and_is_deterministic():
     chosen, scores = choose_l2(x, y, num_labels=3, folds=opts.cv_folds, seed=0)
     _, auto = train_head(x, y, vx, vy, opts, num_labels=3)
     assert auto["l2"] == chosen and chosen in L2_GRID and [s["l2"] for s in scores] == list(L2_GRID)
+    assert L2_GRID == (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # README, train.l2: "chosen by cross-validation from 1e-4 … 1"
 
 
 def test_adamw_stats_count_every_sample_every_epoch():
@@ -247,8 +248,9 @@ def test_choose_l2_cross_validates_over_the_configured_folds_capped_by_the_small
     from vlrouter.core.fit import L2_GRID, choose_l2, cv_score, stratified_folds
 
     x, y = _blobs(n_per_class=counts, dim=4, spread=4.0)
-    _, scores = choose_l2(x, y, num_labels=3, seed=1, **({} if folds is None else {"folds": folds}))
-    split = stratified_folds(y, used, seed=1)
+    given = {} if folds is None else {"folds": folds, "seed": 1}  # the defaults: 5 folds, seed 0 (TrainSection's)
+    _, scores = choose_l2(x, y, num_labels=3, **given)
+    split = stratified_folds(y, used, seed=given.get("seed", 0))
     assert len(split) == used
     for s, value in [(scores[0], L2_GRID[0]), (scores[-1], L2_GRID[-1])]:
         acc, nll, _ = cv_score(x, y, split, num_labels=3, l2=value)
