@@ -307,3 +307,23 @@ def test_tensorboard_logging_leaves_no_writer_thread_behind(tmp_path):
     train_head(x, y, x, y, _opts(epochs=1), num_labels=3, log_dir=tmp_path / "tb")
     assert set(threading.enumerate()) - before == set()  # a loop of retrains must not pile up writer threads
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_adamw_sees_every_training_sample_exactly_once_an_epoch_in_batches_of_batch_size(monkeypatch):
+    import vlrouter.core.fit as fit_mod
+
+    seen = []
+    real = fit_mod.build_head
+
+    def recording(shape):
+        head = real(shape)
+        head[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()) if m.training else None)
+        return head
+
+    monkeypatch.setattr(fit_mod, "build_head", recording)
+    x, y = _blobs(n_per_class=(3, 3, 3))
+    train_head(x, y, x, y, _opts(epochs=2, batch_size=4, eval_every=100, patience=100), num_labels=3)
+    assert [len(b) for b in seen] == [4, 4, 1, 4, 4, 1]  # 9 samples: two full batches and the rest, each epoch
+    for epoch in (seen[:3], seen[3:]):
+        rows = torch.cat(epoch)
+        assert len({tuple(r.tolist()) for r in rows}) == 9  # all nine (standardized) samples, none twice
