@@ -327,3 +327,32 @@ def test_adamw_sees_every_training_sample_exactly_once_an_epoch_in_batches_of_ba
     for epoch in (seen[:3], seen[3:]):
         rows = torch.cat(epoch)
         assert len({tuple(r.tolist()) for r in rows}) == 9  # all nine (standardized) samples, none twice
+
+
+def test_each_adamw_step_follows_the_gradient_of_its_own_batch_only(monkeypatch):
+    """Gradients do not pile up across steps: the gradient each step applies is its batch loss's, at its weights."""
+    import vlrouter.core.fit as fit_mod
+    from vlrouter.core.head import standardize_stats
+
+    steps = []  # [weight, bias, batch input, the gradient that step applied]
+    real = fit_mod.build_head
+
+    def recording(shape):
+        head = real(shape)
+        lin = head[1]
+        lin.register_forward_pre_hook(lambda m, args: steps.append(
+            [m.weight.detach().clone(), m.bias.detach().clone(), args[0].detach().clone()]) if m.training else None)
+        lin.weight.register_post_accumulate_grad_hook(lambda p: steps[-1].append(p.grad.clone()))
+        return head
+
+    monkeypatch.setattr(fit_mod, "build_head", recording)
+    x, y = _blobs(n_per_class=(4, 4, 4))
+    train_head(x, y, x, y, _opts(epochs=3, batch_size=5, eval_every=100, patience=100, lr=0.1), num_labels=3)
+    assert len(steps) == 9  # 12 samples in batches of 5: 3 steps an epoch
+    mean, std = standardize_stats(x)
+    standardized = (x - mean) / std
+    for w, b, batch, applied in steps:
+        labels = y[torch.cdist(batch, standardized).argmin(1)]  # which samples this batch held
+        w = w.clone().requires_grad_(True)
+        torch.nn.functional.cross_entropy(batch @ w.T + b, labels).backward()
+        torch.testing.assert_close(applied, w.grad, rtol=1e-4, atol=1e-6)
