@@ -356,3 +356,15 @@ def test_each_adamw_step_follows_the_gradient_of_its_own_batch_only(monkeypatch)
         w = w.clone().requires_grad_(True)
         torch.nn.functional.cross_entropy(batch @ w.T + b, labels).backward()
         torch.testing.assert_close(applied, w.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_with_patience_1_the_learning_rate_halves_after_two_evaluations_without_a_relative_gain():
+    """train.patience 1 stops at the first evaluation that is not lower; the plateau scheduler's patience is
+    patience // 2 but at least 1, and it wants a 1e-4 relative gain: at a tiny learning rate the loss keeps
+    falling (no early stop) too slowly for the scheduler, which halves the rate every second evaluation."""
+    x, y = _blobs(n_per_class=(4, 4, 4))
+    _, stats = train_head(x, y, x, y, _opts(epochs=8, batch_size=64, lr=1e-6, patience=1, eval_every=1),
+                          num_labels=3)
+    losses = [h["val_loss"] for h in stats["history"]]
+    assert not stats["stopped_early"] and losses == sorted(losses, reverse=True)
+    assert [h["lr"] for h in stats["history"]] == pytest.approx([1e-6] * 3 + [5e-7] * 2 + [2.5e-7] * 2 + [1.25e-7])
