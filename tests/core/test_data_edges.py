@@ -191,3 +191,18 @@ def test_a_decompression_bomb_is_refused_quietly(tmp_path):
         reason = verify_image(bomb)
     assert reason and "DecompressionBomb" in reason
     assert not caught, [str(w.message) for w in caught]
+
+
+def test_the_newest_routing_dataset_is_a_complete_routing_folder(tmp_path):
+    from vlrouter.core.data import newest_routing_dataset
+
+    reg = _registry(tmp_path, {"calendar": 3, "claim-window": 3})
+    built = build_routing_dataset(reg, tmp_path / "ds", seed=0)
+    stamp = "2999-01-01T00:00:00+00:00"  # newer than anything built today
+    backup = tmp_path / "ds" / "backup"  # a copy under another name is not a routing dataset
+    backup.mkdir()
+    (backup / "metadata.json").write_text(json.dumps({"created_at": stamp}))
+    half = tmp_path / "ds" / "routing_29990101_000000"  # a build that never wrote its metadata
+    half.mkdir()
+    (half / "train.jsonl").write_text("")
+    assert newest_routing_dataset(tmp_path / "ds") == built

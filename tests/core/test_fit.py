@@ -368,3 +368,11 @@ def test_with_patience_1_the_learning_rate_halves_after_two_evaluations_without_
     losses = [h["val_loss"] for h in stats["history"]]
     assert not stats["stopped_early"] and losses == sorted(losses, reverse=True)
     assert [h["lr"] for h in stats["history"]] == pytest.approx([1e-6] * 3 + [5e-7] * 2 + [2.5e-7] * 2 + [1.25e-7])
+
+
+def test_patience_counts_evaluations_from_the_start_even_when_none_is_finite():
+    x, y = _blobs(n_per_class=(3, 3, 3))
+    vx, vy = _blobs(n_per_class=(2, 2, 2), seed=1)
+    vx[0, 0] = float("nan")  # every validation loss is nan: no evaluation is ever an improvement
+    _, stats = train_head(x, y, vx, vy, _opts(epochs=50, batch_size=64, patience=3, eval_every=1), num_labels=3)
+    assert stats["stopped_early"] and stats["steps"] == 3 and len(stats["history"]) == 3

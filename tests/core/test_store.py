@@ -219,6 +219,7 @@ def test_pruning_keeps_the_newest_versions_even_within_one_second(tmp_path):
     assert not crashed.exists()  # removed once older than a promoted version
     kept = sorted(p.name for p in versions_dir(live).iterdir())
     assert kept == sorted(p.name for p in made[-KEEP_VERSIONS:])  # the last three, in order
+    assert KEEP_VERSIONS == 3  # README: "The three newest complete versions are kept"
     assert os.path.realpath(live) == str(made[-1])
 
 

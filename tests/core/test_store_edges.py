@@ -253,3 +253,30 @@ def test_a_lock_beside_a_router_dir_whose_parent_is_a_file_is_a_located_storage_
     (tmp_path / "runs").write_text("not a folder")
     with pytest.raises(StorageError, match="router.dir"):
         RouterLock(tmp_path / "runs" / "router")
+
+
+def test_a_saved_router_is_fsynced_and_records_the_vlrouter_that_wrote_it(tmp_path, monkeypatch):
+    import os
+
+    from vlrouter import __version__
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+                        or real(fd))
+    folder = _router(tmp_path / "r", 4, 1.0)
+    assert sorted(synced) == ["head.safetensors", "router.json"]  # on disk before promotion can point at them
+    assert json.loads((folder / "router.json").read_text())["vlrouter_version"] == __version__
+    shape = HeadShape(in_dim=4, num_labels=2)
+    old = RouterMeta(adapters=["a", "b"], base_model=BASE, pooling="mean", layer=-1, hidden_size=4, head=shape,
+                     vlrouter_version="0.1.0")  # re-saved (e.g. after a Modal download): its writer is kept
+    assert read_meta(save_router(tmp_path / "old", build_head(shape), old)).vlrouter_version == "0.1.0"
+
+
+def test_a_head_file_that_is_a_folder_is_named_as_such(tmp_path):
+    folder = _router(tmp_path / "r", 4, 1.0)
+    (folder / "head.safetensors").unlink()
+    (folder / "head.safetensors").mkdir()
+    with pytest.raises(CheckpointError,
+                       match=r"head .*head\.safetensors is a folder, not a regular file \(fix: retrain"):
+        load_router(folder)
