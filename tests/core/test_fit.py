@@ -376,3 +376,12 @@ def test_patience_counts_evaluations_from_the_start_even_when_none_is_finite():
     vx[0, 0] = float("nan")  # every validation loss is nan: no evaluation is ever an improvement
     _, stats = train_head(x, y, vx, vy, _opts(epochs=50, batch_size=64, patience=3, eval_every=1), num_labels=3)
     assert stats["stopped_early"] and stats["steps"] == 3 and len(stats["history"]) == 3
+
+
+def test_an_evaluation_that_only_matches_the_best_loss_counts_toward_patience():
+    x, y = _blobs(n_per_class=(3, 3, 3))
+    # a learning rate too small to move the float32 loss: every evaluation ties the first
+    _, stats = train_head(x, y, x, y, _opts(epochs=20, batch_size=64, lr=1e-12, patience=2, eval_every=1),
+                          num_labels=3)
+    losses = [h["val_loss"] for h in stats["history"]]
+    assert losses == [losses[0]] * 3 and stats["stopped_early"] and (stats["best_step"], stats["steps"]) == (1, 3)

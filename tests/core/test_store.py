@@ -340,3 +340,23 @@ def test_a_router_for_other_adapters_is_stale_for_the_registry(tmp_path):
     promote(_router(reg.router_dir, acc=0.9, adapters=("calendar", "claim-window")), reg.router_dir)
     with pytest.raises(StaleRouterError, match=r"adapters: stale router: the adapter set differs"):
         check_router_for(read_meta(reg.router_dir), reg)
+
+
+def test_a_router_for_another_base_model_is_stale_and_the_same_one_is_not(tmp_path):
+    from vlrouter.core.store import check_router_for
+
+    reg = Registry.load(make_registry(tmp_path, BASE, ["calendar", "claim-window"], n=2))
+    promote(_router(reg.router_dir, acc=0.9, adapters=("calendar", "claim-window")), reg.router_dir)
+    meta = read_meta(reg.router_dir)
+    check_router_for(meta, reg)  # trained on the registry's base model: fine
+    other = meta.model_copy(update={"base_model": "Qwen/Qwen3-VL-2B-Instruct"})
+    with pytest.raises(StaleRouterError, match="base_model: stale router: trained on 'Qwen/Qwen3-VL-2B-Instruct'"):
+        check_router_for(other, reg)
+
+
+def test_a_plain_router_folder_with_a_leftover_temporary_router_json_is_still_adopted(tmp_path):
+    live = tmp_path / "router"
+    shutil.copytree(_router(tmp_path / "old", acc=0.9), live)  # the older layout: a plain folder
+    (live / ".router.json.tmp-1234").write_text("{")  # what an interrupted atomic write leaves
+    promote(_router(live, acc=0.95), live)
+    assert live.is_symlink() and read_meta(live).metrics["val_acc"] == 0.95

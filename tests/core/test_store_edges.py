@@ -177,7 +177,8 @@ def test_a_router_json_that_is_not_an_object_is_named(tmp_path, text):
         read_meta(folder)
 
 
-@pytest.mark.parametrize("layer,num_layers,resolved", [(-1, 2, 2), (-3, 2, 0), (1, 2, 1), (0, None, 0), (-1, None, -1)])
+@pytest.mark.parametrize("layer,num_layers,resolved", [(-1, 2, 2), (-3, 2, 0), (1, 2, 1), (0, 2, 0), (0, None, 0),
+                                                       (-1, None, -1)])
 def test_a_router_reads_its_layer_counted_from_the_end_when_it_knows_the_depth(layer, num_layers, resolved):
     meta = RouterMeta(adapters=["a", "b"], base_model=BASE, pooling=["mean"], layer=layer, num_layers=num_layers,
                       hidden_size=4, head=HeadShape(in_dim=4, num_labels=2))
