@@ -206,3 +206,13 @@ def test_the_newest_routing_dataset_is_a_complete_routing_folder(tmp_path):
     half.mkdir()
     (half / "train.jsonl").write_text("")
     assert newest_routing_dataset(tmp_path / "ds") == built
+
+
+def test_a_routing_dataset_folder_gets_ordinary_folder_permissions(tmp_path):
+    """It is built in a private temp folder (0700); the finished one is readable like any other (a shared volume,
+    another user's `router eval`)."""
+    import stat
+
+    reg = _registry(tmp_path, {"calendar": 3, "claim-window": 3})
+    out = build_routing_dataset(reg, tmp_path / "ds", seed=0)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755

@@ -11,6 +11,7 @@ from tests.helpers import make_registry
 from vlrouter.core.data import build_routing_dataset, load_routing_dataset
 from vlrouter.core.features import embed_dataset
 from vlrouter.core.head import build_head, head_logits
+from vlrouter.core.metrics import calibrate_temperature
 from vlrouter.core.options import resolve_options
 from vlrouter.core.recipe import train_candidate
 from vlrouter.core.registry import Registry
@@ -121,3 +122,38 @@ def test_split_features_survive_the_file_a_remote_backend_hands_over(tmp_path):
                             train_y=full.train_y, val=full.val, val_y=full.val_y)
     back = SplitFeatures.from_file(no_eval.to_file(tmp_path / "no-eval.safetensors"))
     assert back.eval is None and back.eval_y == [] and back.layers == [2]
+
+
+def test_an_adamw_heads_temperature_comes_from_its_validation_logits_and_lbfgs_adds_the_cv_logits(tmp_path):
+    """fit_candidate on given features (what a remote backend hands over): the lbfgs head is calibrated on its
+    validation logits plus the training split's out-of-fold logits; the adamw head on its own logits only."""
+    from tests.helpers import blobs
+    from vlrouter.core.encoder import EncoderInfo
+    from vlrouter.core.options import TrainOptions
+    from vlrouter.core.recipe import SplitFeatures, fit_candidate
+
+    hub = "Qwen/Qwen3-VL-8B-Instruct"
+    reg = Registry.load(make_registry(tmp_path, hub, ["calendar", "claim-window"], n=3))
+    ds = build_routing_dataset(reg, tmp_path / "datasets", seed=0)
+    x, y = blobs(n_per_class=(20, 20), dim=8, spread=3.0)  # overlapping: neither CV nor validation is perfect
+    vx, vy = blobs(n_per_class=(6, 6), dim=8, seed=1, spread=3.0)
+    shift = torch.linspace(0, 1, 8)
+
+    def views(a):  # two layers, so cross-validation compares candidates and keeps their out-of-fold logits
+        return {"mean@1": a + shift, "mean@2": a}
+
+    features = SplitFeatures(class_names=["calendar", "claim-window"], layers=[1, 2],
+                             encoder=EncoderInfo(base_model=hub, hidden_size=8, num_layers=2, fingerprint="f"),
+                             train=views(x), train_y=y.tolist(), val=views(vx), val_y=vy.tolist(), stats={})
+    temperatures = {}
+    for solver in ("adamw", "lbfgs"):
+        opts = TrainOptions(base_model=hub, pooling="mean", solver=solver, l2=0.1, ood="off", epochs=5, batch_size=8,
+                            lr=0.01, workers=1)
+        cand = fit_candidate(ds, features, opts, out_dir=tmp_path / solver)
+        head, meta = load_router(cand.dir)
+        val_only = calibrate_temperature(head_logits(head, meta.representation().features(cand.val_views)),
+                                         vy.tolist())
+        temperatures[solver] = (meta.temperature, val_only)
+        assert (meta.embedded_new, meta.reused_cached) == (0, 0)  # nothing embedded here
+    assert temperatures["adamw"][0] == temperatures["adamw"][1]
+    assert temperatures["lbfgs"][0] != temperatures["lbfgs"][1]

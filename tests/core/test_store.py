@@ -360,3 +360,22 @@ def test_a_plain_router_folder_with_a_leftover_temporary_router_json_is_still_ad
     (live / ".router.json.tmp-1234").write_text("{")  # what an interrupted atomic write leaves
     promote(_router(live, acc=0.95), live)
     assert live.is_symlink() and read_meta(live).metrics["val_acc"] == 0.95
+
+
+def test_router_dir_as_a_symlink_is_replaced_only_when_it_points_at_a_router_or_nothing(tmp_path):
+    import os
+
+    cand = _router(tmp_path / "elsewhere" / "router", acc=0.9)
+    notes = tmp_path / "notes"  # a folder that is not a router version: the link stays, nothing moves
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    live = tmp_path / "router"
+    os.symlink(notes, live)
+    with pytest.raises(CheckpointError, match=r"router.dir: is a symlink to .*notes, which is not a router version"):
+        promote(cand, live)
+    assert os.readlink(live) == str(notes) and (notes / "todo.txt").read_text() == "keep me"
+    for target in (tmp_path / "gone", cand):  # dangling (a version pruned by hand), or a router folder: replaced
+        live.unlink()
+        os.symlink(target, live)
+        promote(cand, live)
+        assert live.is_symlink() and read_meta(live).metrics["val_acc"] == 0.9
