@@ -379,3 +379,20 @@ def test_router_dir_as_a_symlink_is_replaced_only_when_it_points_at_a_router_or_
         os.symlink(target, live)
         promote(cand, live)
         assert live.is_symlink() and read_meta(live).metrics["val_acc"] == 0.9
+
+
+def test_router_train_keeps_a_better_live_router_unless_forced(tmp_path, monkeypatch):
+    from vlrouter.core import recipe
+    from vlrouter.core.data import build_routing_dataset
+
+    names = ("calendar", "claim-window")
+    reg = Registry.load(make_registry(tmp_path, BASE, list(names), n=3))
+    build_routing_dataset(reg, reg.resolve("datasets"), seed=0)
+    promote(_router(reg.router_dir, acc=0.875, adapters=names, bias=0), reg.router_dir)  # scores 0.875 on VAL
+    worse = _router(reg.router_dir, acc=0.8125, adapters=names)
+    monkeypatch.setattr(recipe, "train_candidate", lambda *a, **kw: recipe.Candidate(
+        dir=worse, dataset_dir=tmp_path, meta=read_meta(worse), val_views=VAL_X, val_labels=VAL_Y))
+    opts = resolve_options(reg)
+    with pytest.raises(PromotionRefused, match="new router 0.812 < live 0.875"):
+        recipe.run_train(reg, opts)
+    assert recipe.run_train(reg, opts, force=True).promoted
