@@ -239,3 +239,17 @@ def test_the_encoder_is_loaded_with_the_runs_model_settings_and_prompt_limit(pro
     enc = recipe.load_encoder(opts)
     assert calls == [((opts.base_model,), {"device": "cpu", "dtype": "float32", "revision": "v1.2"})]
     assert prompt_token_limit(enc.processor) == 77
+
+
+def test_eval_of_a_format_1_router_counts_its_negative_layer_with_the_models_depth(project):
+    reg = Registry.load(project)
+    meta_path = reg.router_dir / "router.json"
+    meta = json.loads(meta_path.read_text())
+    old = {k: v for k, v in meta.items() if k != "num_layers"}  # format 1: no depth recorded, layer -1 = the last
+    meta_path.write_text(json.dumps({**old, "layer": meta["layer"] - meta["num_layers"] - 1}))
+    try:
+        out = evaluate_router(reg, resolve_options(reg))
+    finally:
+        meta_path.write_text(json.dumps(meta))
+    assert out["layer"] == meta["layer"] and out["embedded_new"] == 0  # the same features the router trained on
+    assert out["metrics"]["accuracy"] == evaluate_router(reg, resolve_options(reg))["metrics"]["accuracy"]

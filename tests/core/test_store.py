@@ -396,3 +396,21 @@ def test_router_train_keeps_a_better_live_router_unless_forced(tmp_path, monkeyp
     with pytest.raises(PromotionRefused, match="new router 0.812 < live 0.875"):
         recipe.run_train(reg, opts)
     assert recipe.run_train(reg, opts, force=True).promoted
+
+
+def test_a_candidate_for_other_adapters_is_refused_before_the_gate_and_the_live_router_stays(tmp_path):
+    from vlrouter.core.errors import DatasetError
+    from vlrouter.core.recipe import Candidate
+
+    reg = Registry.load(make_registry(tmp_path, BASE, ["calendar", "claim-window"], n=2))
+    promote(_router(reg.router_dir, acc=0.875, adapters=("calendar", "claim-window"), bias=0), reg.router_dir)
+    live = _snapshot(reg.router_dir)
+    other = _router(reg.router_dir, acc=0.95, adapters=("a", "b"))  # a backend that trained for another registry
+
+    def backend(request):
+        return Candidate(dir=other, dataset_dir=tmp_path, meta=read_meta(other), val_views=VAL_X, val_labels=VAL_Y)
+
+    with pytest.raises(DatasetError, match=r"class_names: built for adapters \['a', 'b'\], but the registry lists "
+                                           r"\['calendar', 'claim-window'\]"):
+        run_retrain(reg, resolve_options(reg), backend, force=True)
+    assert _snapshot(reg.router_dir) == live

@@ -281,3 +281,14 @@ def test_a_head_file_that_is_a_folder_is_named_as_such(tmp_path):
     with pytest.raises(CheckpointError,
                        match=r"head .*head\.safetensors is a folder, not a regular file \(fix: retrain"):
         load_router(folder)
+
+
+def test_the_lock_is_free_again_after_a_run_for_the_next_one_in_the_same_process(tmp_path):
+    from vlrouter.core.errors import LockHeldError
+
+    router_dir = tmp_path / "runs" / "router"
+    first = RouterLock(router_dir)  # still referenced: only release() frees it
+    with first, pytest.raises(LockHeldError):
+        RouterLock(router_dir).__enter__()
+    with RouterLock(router_dir):  # e.g. `router retrain` twice from one Python session
+        pass
