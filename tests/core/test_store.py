@@ -414,3 +414,17 @@ def test_a_candidate_for_other_adapters_is_refused_before_the_gate_and_the_live_
                                            r"\['calendar', 'claim-window'\]"):
         run_retrain(reg, resolve_options(reg), backend, force=True)
     assert _snapshot(reg.router_dir) == live
+
+
+def test_router_train_refuses_a_dataset_built_for_other_adapters_before_training(tmp_path, monkeypatch):
+    from vlrouter.core import recipe
+    from vlrouter.core.data import build_routing_dataset
+    from vlrouter.core.errors import DatasetError
+
+    three = Registry.load(make_registry(tmp_path, BASE, ["calendar", "claim-window", "provider-select"], n=3))
+    ds = build_routing_dataset(three, three.resolve("datasets"), seed=0)
+    two = Registry.load(make_registry(tmp_path, BASE, ["calendar", "claim-window"], n=3))  # provider-select removed
+    monkeypatch.setattr(recipe, "train_candidate", lambda *a, **kw: pytest.fail("trained on the old dataset"))
+    with pytest.raises(DatasetError, match=rf"{ds / 'metadata.json'}: class_names: built for adapters "
+                                           r"\['calendar', 'claim-window', 'provider-select'\]"):
+        recipe.run_train(two, resolve_options(two))
