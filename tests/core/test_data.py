@@ -257,3 +257,13 @@ def test_each_class_splits_into_train_and_validation_with_at_least_one_of_each(n
     from vlrouter.core.data import split_counts
 
     assert split_counts(n, fraction) == counts
+
+
+def test_a_sample_is_its_fields_not_the_raw_record_it_came_from(tmp_path):
+    """Samples compare and print by what vlrouter uses; the original JSON object rides along unshown."""
+    import dataclasses
+
+    path = make_dataset(tmp_path / "cal", "calendar", 2)
+    s = read_adapter_dataset(path, adapter="calendar")[0][0]
+    copy = dataclasses.replace(s, record={**s.record, "extra": "x" * 500})
+    assert copy == s and "x" * 50 not in repr(copy) and s.prompt in repr(copy)
