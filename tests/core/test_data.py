@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -63,6 +64,21 @@ def test_conversation_without_human_turn_names_file_and_line(tmp_path):
     assert f"{path}:5" in str(e.value) and "no human turn" in str(e.value) and "fix:" in str(e.value)
 
 
+@pytest.mark.parametrize("conversations", [None, [], {}, "<image>\nClick March 3", [[]]],
+                         ids=["missing", "empty-list", "object", "text", "list-of-lists"])
+def test_conversations_that_are_not_a_non_empty_list_of_turns_name_the_field_and_line(tmp_path, conversations):
+    path = make_dataset(tmp_path / "cal", "calendar", 3)
+    recs = _lines(path)
+    recs[1]["conversations"] = conversations
+    if conversations is None:
+        del recs[1]["conversations"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    problem = "a turn is not an object" if conversations == [[]] else "missing or not a non-empty list"
+    with pytest.raises(DatasetError) as e:
+        read_adapter_dataset(path, adapter="calendar")
+    assert f"{path}:2: conversations: {problem}" in str(e.value) and "(fix: " in str(e.value), str(e.value)
+
+
 def test_missing_images_are_skipped_with_a_count_and_their_ids(tmp_path):
     path = make_dataset(tmp_path / "cal", "calendar", 5)
     recs = _lines(path)
@@ -111,6 +127,8 @@ def test_build_routing_dataset_layout_labels_and_stratified_split(tmp_path):
     assert meta["counts"] == {"train": {n: 8 for n in reg.adapter_names}, "val": {n: 2 for n in reg.adapter_names}}
     for src, entry in zip(meta["sources"], reg.adapters):
         assert src["adapter"] == entry.name and len(src["sha256"]) == 64
+        assert src["path"] == str(reg.resolve(entry.dataset)) and src["read"] == 10
+        assert src["sha256"] == hashlib.sha256(Path(src["path"]).read_bytes()).hexdigest()  # the file's content
     ds = load_routing_dataset(out)
     train, val = ds.split("train"), ds.split("val")
     assert {s.id for s in train}.isdisjoint({s.id for s in val})
@@ -207,6 +225,7 @@ def test_a_prompt_keeps_its_text_whether_or_not_it_starts_with_the_image_token(t
     assert strip_image_token("Click March 3 in the calendar") == "Click March 3 in the calendar"
     assert strip_image_token("  <image>\nClick March 3  ") == "Click March 3"
     assert strip_image_token("Click <image> March 3") == "Click  March 3"
+    assert strip_image_token("<image>Click March 3") == "Click March 3"  # no newline after it: nothing else goes
     path = make_dataset(tmp_path / "cal", "calendar", 2)
     recs = _lines(path)
     recs[0]["conversations"][0]["value"] = "Click March 3 in the calendar"  # no <image> placeholder
@@ -218,7 +237,8 @@ def test_a_prompt_keeps_its_text_whether_or_not_it_starts_with_the_image_token(t
 @pytest.mark.parametrize("change,problem", [
     ({"label": 1}, "label 1 / adapter 'calendar' disagrees with metadata.json class_names"),
     ({"label": 7}, "label 7 / adapter 'calendar' disagrees with metadata.json class_names"),
-], ids=["other-adapters-label", "label-out-of-range"])
+    ({"label": 3}, "label 3 / adapter 'calendar' disagrees with metadata.json class_names"),  # == the class count
+], ids=["other-adapters-label", "label-out-of-range", "label-one-past-the-last"])
 def test_a_routing_sample_whose_label_and_adapter_disagree_is_refused(tmp_path, change, problem):
     reg = _registry(tmp_path, n=4)
     out = build_routing_dataset(reg, tmp_path / "ds", seed=0)
@@ -237,3 +257,13 @@ def test_each_class_splits_into_train_and_validation_with_at_least_one_of_each(n
     from vlrouter.core.data import split_counts
 
     assert split_counts(n, fraction) == counts
+
+
+def test_a_sample_is_its_fields_not_the_raw_record_it_came_from(tmp_path):
+    """Samples compare and print by what vlrouter uses; the original JSON object rides along unshown."""
+    import dataclasses
+
+    path = make_dataset(tmp_path / "cal", "calendar", 2)
+    s = read_adapter_dataset(path, adapter="calendar")[0][0]
+    copy = dataclasses.replace(s, record={**s.record, "extra": "x" * 500})
+    assert copy == s and "x" * 50 not in repr(copy) and s.prompt in repr(copy)

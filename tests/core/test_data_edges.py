@@ -144,3 +144,75 @@ def test_routing_metadata_with_bad_class_names_is_refused(tmp_path, names):
     (out / "metadata.json").write_text(json.dumps({**meta, "class_names": names}))
     with pytest.raises(DatasetError, match="class_names"):
         load_routing_dataset(out)
+
+
+def test_a_non_ascii_prompt_is_written_as_readable_utf8_text(tmp_path):
+    reg = _registry(tmp_path, {"calendar": 3, "claim-window": 3})
+    src = tmp_path / "data" / "calendar" / "train.jsonl"
+    recs = _lines(src)
+    prompt = "Klicke auf „Speichern“ – 保存"
+    for r in recs:
+        r["conversations"][0]["value"] = "<image>\n" + prompt
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = build_routing_dataset(reg, tmp_path / "ds", seed=0)
+    text = (out / "train.jsonl").read_text(encoding="utf-8") + (out / "val.jsonl").read_text(encoding="utf-8")
+    assert text.count(prompt) == 3  # greppable as written, not \\u escapes
+
+
+def test_a_sampled_build_reads_only_the_images_it_draws(tmp_path, monkeypatch):
+    """--train-samples from a big dataset: images are checked as they are drawn, not all of them up front."""
+    from vlrouter.core import data
+
+    reg = _registry(tmp_path, {"calendar": 12, "claim-window": 12})
+    checked = []
+    real = data.verify_image
+    monkeypatch.setattr(data, "verify_image", lambda p: checked.append(Path(p).name) or real(p))
+    out = build_routing_dataset(reg, tmp_path / "ds", train_samples=3, seed=0)
+    drawn = [Path(r["image"]).name for split in ("train", "val") for r in _lines(out / f"{split}.jsonl")]
+    assert len(drawn) == 6 and sorted(checked) == sorted(drawn)
+
+
+def test_a_decompression_bomb_is_refused_quietly(tmp_path):
+    """Over PIL's pixel limit: one reason for the skipped-samples summary, no PIL warning printed beside it."""
+    import struct
+    import warnings
+    import zlib
+
+    from vlrouter.core.data import verify_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    bomb = tmp_path / "bomb.png"  # 10000 x 10000 = 100M pixels claimed by the header (PIL warns above 89.5M)
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 10_000, 10_000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 8)) + chunk(b"IEND", b""))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reason = verify_image(bomb)
+    assert reason and "DecompressionBomb" in reason
+    assert not caught, [str(w.message) for w in caught]
+
+
+def test_the_newest_routing_dataset_is_a_complete_routing_folder(tmp_path):
+    from vlrouter.core.data import newest_routing_dataset
+
+    reg = _registry(tmp_path, {"calendar": 3, "claim-window": 3})
+    built = build_routing_dataset(reg, tmp_path / "ds", seed=0)
+    stamp = "2999-01-01T00:00:00+00:00"  # newer than anything built today
+    backup = tmp_path / "ds" / "backup"  # a copy under another name is not a routing dataset
+    backup.mkdir()
+    (backup / "metadata.json").write_text(json.dumps({"created_at": stamp}))
+    half = tmp_path / "ds" / "routing_29990101_000000"  # a build that never wrote its metadata
+    half.mkdir()
+    (half / "train.jsonl").write_text("")
+    assert newest_routing_dataset(tmp_path / "ds") == built
+
+
+def test_a_routing_dataset_folder_gets_ordinary_folder_permissions(tmp_path):
+    """It is built in a private temp folder (0700); the finished one is readable like any other (a shared volume,
+    another user's `router eval`)."""
+    import stat
+
+    reg = _registry(tmp_path, {"calendar": 3, "claim-window": 3})
+    out = build_routing_dataset(reg, tmp_path / "ds", seed=0)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755

@@ -84,6 +84,7 @@ def test_lbfgs_head_converges_to_the_regularised_optimum_and_is_deterministic():
     chosen, scores = choose_l2(x, y, num_labels=3, folds=opts.cv_folds, seed=0)
     _, auto = train_head(x, y, vx, vy, opts, num_labels=3)
     assert auto["l2"] == chosen and chosen in L2_GRID and [s["l2"] for s in scores] == list(L2_GRID)
+    assert L2_GRID == (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # README, train.l2: "chosen by cross-validation from 1e-4 … 1"
 
 
 def test_adamw_stats_count_every_sample_every_epoch():
@@ -196,3 +197,191 @@ def test_lbfgs_returns_an_inference_ready_head_and_reports_its_progress_and_spee
     assert prog.tasks == [("training head (lbfgs)", 1, 1)]  # the bar ends full
     assert stats["seconds"] == 0.25
     assert stats["samples_per_s"] == pytest.approx(stats["epochs_run"] * 60 / 0.25, abs=0.1)
+
+
+def test_one_thread_restores_the_callers_thread_count_even_after_an_error():
+    from vlrouter.core.fit import one_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # a caller (the engine, a notebook) that uses several threads
+    try:
+        x, y = _blobs(n_per_class=(4, 4, 4))
+        train_head(x, y, x, y, TrainSection(solver="lbfgs"), num_labels=3, l2=0.1)
+        assert torch.get_num_threads() == 3  # training did not leave torch on one thread
+        with pytest.raises(RuntimeError, match="boom"), one_thread():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_lbfgs_reports_the_validation_loss_and_accuracy_of_the_head_it_returns():
+    x, y = _blobs(spread=4.0)
+    vx, vy = _blobs(n_per_class=(6, 6, 6), seed=3, spread=4.0)
+    head, stats = train_head(x, y, vx, vy, TrainSection(solver="lbfgs"), num_labels=3, l2=0.1)
+    m = evaluate(head, vx, vy, class_names=["a", "b", "c"])
+    assert 0.3 < m["accuracy"] < 1.0  # overlapping blobs: some right, some wrong, so the number is telling
+    assert stats["best_acc"] == pytest.approx(m["accuracy"]) and stats["best_loss"] == pytest.approx(m["nll"])
+
+
+def test_lbfgs_runs_at_most_train_epochs_iterations_and_at_least_one():
+    x, y = _blobs(spread=4.0)
+    losses = []
+    for epochs in (1, 3, 5):
+        _, stats = train_head(x, y, x, y, TrainSection(solver="lbfgs", epochs=epochs), num_labels=3, l2=1e-4)
+        assert 1 <= stats["steps"] <= epochs
+        losses.append(stats["train_loss"])
+    import math
+
+    assert losses[0] < math.log(3) - 0.05  # even train.epochs: 1 fits the head (not the all-zero start)
+    assert losses[0] > losses[1] > losses[2]  # far from converged: each extra iteration allowed is used
+
+
+@pytest.mark.parametrize("folds,counts,used", [
+    (None, (6, 6, 6), 5),  # the default: train.cv_folds' default, 5
+    (2, (6, 6, 6), 2),  # train.cv_folds as configured
+    (5, (10, 3, 10), 3),  # never more folds than the smallest class has samples
+    (5, (10, 1, 10), 2),  # but always at least two
+])
+def test_choose_l2_cross_validates_over_the_configured_folds_capped_by_the_smallest_class(folds, counts, used):
+    from vlrouter.core.fit import L2_GRID, choose_l2, cv_score, stratified_folds
+
+    x, y = _blobs(n_per_class=counts, dim=4, spread=4.0)
+    given = {} if folds is None else {"folds": folds, "seed": 1}  # the defaults: 5 folds, seed 0 (TrainSection's)
+    _, scores = choose_l2(x, y, num_labels=3, **given)
+    split = stratified_folds(y, used, seed=given.get("seed", 0))
+    assert len(split) == used
+    for s, value in [(scores[0], L2_GRID[0]), (scores[-1], L2_GRID[-1])]:
+        acc, nll, _ = cv_score(x, y, split, num_labels=3, l2=value)
+        assert (s["cv_acc"], s["cv_nll"]) == (round(acc, 4), round(nll, 4)), value
+
+
+def test_a_one_step_run_is_still_evaluated_after_its_step_and_keeps_that_head():
+    x, y = _blobs(n_per_class=(3, 3, 3))
+    vx, vy = _blobs(n_per_class=(2, 2, 2), seed=1)
+    head, stats = train_head(x, y, vx, vy, _opts(epochs=1, batch_size=64, eval_every=5, lr=0.5), num_labels=3)
+    assert stats["steps"] == 1 and [h["step"] for h in stats["history"]] == [1]  # one batch, evaluated after it
+    assert stats["best_step"] == 1 and stats["best_loss"] == pytest.approx(stats["history"][0]["val_loss"])
+    assert evaluate(head, vx, vy, class_names=["a", "b", "c"])["nll"] == pytest.approx(stats["best_loss"], rel=1e-5)
+
+
+def test_adamw_reports_its_progress_as_steps_of_every_epoch():
+    from vlrouter.core.progress import RecordingProgress
+
+    x, y = _blobs(n_per_class=(3, 3, 3))  # 9 samples in batches of 4: 3 steps an epoch
+    prog = RecordingProgress()
+    train_head(x, y, x, y, _opts(epochs=4, batch_size=4, eval_every=5, patience=100), prog, num_labels=3)
+    assert prog.tasks == [("training head", 12, 12)]  # the bar's total is epochs x steps, and it ends full
+
+
+def test_lbfgs_reports_as_its_work_the_passes_it_made_over_the_training_split(monkeypatch):
+    """stats["epochs_run"] (lbfgs): loss-and-gradient evaluations, each one pass over every training sample."""
+    from torch import nn
+
+    from vlrouter.core.fit import fit_logistic
+
+    x, y = _blobs(spread=4.0)
+    passes = []
+    real = nn.functional.cross_entropy
+    monkeypatch.setattr(nn.functional, "cross_entropy", lambda z, *a, **kw: passes.append(len(z)) or real(z, *a, **kw))
+    _, _, stats = fit_logistic(x, y, num_labels=3, l2=0.1, max_iter=4)
+    assert passes and set(passes) == {60}
+    assert stats["evaluations"] == len(passes) - 1  # the last call scores the result: not an optimisation step
+    assert 1 <= stats["iterations"] <= 4
+
+
+def test_adamw_scores_the_mlp_without_dropout_so_the_best_loss_is_the_returned_heads():
+    x, y = _blobs(spread=4.0)
+    vx, vy = _blobs(n_per_class=(6, 6, 6), seed=3, spread=4.0)
+    head, stats = train_head(x, y, vx, vy, _opts(head="mlp", head_hidden=32, epochs=3), num_labels=3)
+    m = evaluate(head, vx, vy, class_names=["a", "b", "c"])  # the returned head, in eval mode (dropout off)
+    assert stats["best_loss"] == pytest.approx(m["nll"], rel=1e-5) and stats["best_acc"] == pytest.approx(m["accuracy"])
+
+
+def test_tensorboard_logging_leaves_no_writer_thread_behind(tmp_path):
+    import threading
+
+    x, y = _blobs(n_per_class=(3, 3, 3))
+    before = set(threading.enumerate())
+    train_head(x, y, x, y, _opts(epochs=1), num_labels=3, log_dir=tmp_path / "tb")
+    assert set(threading.enumerate()) - before == set()  # a loop of retrains must not pile up writer threads
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_adamw_sees_every_training_sample_exactly_once_an_epoch_in_batches_of_batch_size(monkeypatch):
+    import vlrouter.core.fit as fit_mod
+
+    seen = []
+    real = fit_mod.build_head
+
+    def recording(shape):
+        head = real(shape)
+        head[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()) if m.training else None)
+        return head
+
+    monkeypatch.setattr(fit_mod, "build_head", recording)
+    x, y = _blobs(n_per_class=(3, 3, 3))
+    train_head(x, y, x, y, _opts(epochs=2, batch_size=4, eval_every=100, patience=100), num_labels=3)
+    assert [len(b) for b in seen] == [4, 4, 1, 4, 4, 1]  # 9 samples: two full batches and the rest, each epoch
+    for epoch in (seen[:3], seen[3:]):
+        rows = torch.cat(epoch)
+        assert len({tuple(r.tolist()) for r in rows}) == 9  # all nine (standardized) samples, none twice
+
+
+def test_each_adamw_step_follows_the_gradient_of_its_own_batch_only(monkeypatch):
+    """Gradients do not pile up across steps: the gradient each step applies is its batch loss's, at its weights."""
+    import vlrouter.core.fit as fit_mod
+    from vlrouter.core.head import standardize_stats
+
+    steps = []  # [weight, bias, batch input, the gradient that step applied]
+    real = fit_mod.build_head
+
+    def recording(shape):
+        head = real(shape)
+        lin = head[1]
+        lin.register_forward_pre_hook(lambda m, args: steps.append(
+            [m.weight.detach().clone(), m.bias.detach().clone(), args[0].detach().clone()]) if m.training else None)
+        lin.weight.register_post_accumulate_grad_hook(lambda p: steps[-1].append(p.grad.clone()))
+        return head
+
+    monkeypatch.setattr(fit_mod, "build_head", recording)
+    x, y = _blobs(n_per_class=(4, 4, 4))
+    train_head(x, y, x, y, _opts(epochs=3, batch_size=5, eval_every=100, patience=100, lr=0.1), num_labels=3)
+    assert len(steps) == 9  # 12 samples in batches of 5: 3 steps an epoch
+    mean, std = standardize_stats(x)
+    standardized = (x - mean) / std
+    for w, b, batch, applied in steps:
+        labels = y[torch.cdist(batch, standardized).argmin(1)]  # which samples this batch held
+        w = w.clone().requires_grad_(True)
+        torch.nn.functional.cross_entropy(batch @ w.T + b, labels).backward()
+        torch.testing.assert_close(applied, w.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_with_patience_1_the_learning_rate_halves_after_two_evaluations_without_a_relative_gain():
+    """train.patience 1 stops at the first evaluation that is not lower; the plateau scheduler's patience is
+    patience // 2 but at least 1, and it wants a 1e-4 relative gain: at a tiny learning rate the loss keeps
+    falling (no early stop) too slowly for the scheduler, which halves the rate every second evaluation."""
+    x, y = _blobs(n_per_class=(4, 4, 4))
+    _, stats = train_head(x, y, x, y, _opts(epochs=8, batch_size=64, lr=1e-6, patience=1, eval_every=1),
+                          num_labels=3)
+    losses = [h["val_loss"] for h in stats["history"]]
+    assert not stats["stopped_early"] and losses == sorted(losses, reverse=True)
+    assert [h["lr"] for h in stats["history"]] == pytest.approx([1e-6] * 3 + [5e-7] * 2 + [2.5e-7] * 2 + [1.25e-7])
+
+
+def test_patience_counts_evaluations_from_the_start_even_when_none_is_finite():
+    x, y = _blobs(n_per_class=(3, 3, 3))
+    vx, vy = _blobs(n_per_class=(2, 2, 2), seed=1)
+    vx[0, 0] = float("nan")  # every validation loss is nan: no evaluation is ever an improvement
+    _, stats = train_head(x, y, vx, vy, _opts(epochs=50, batch_size=64, patience=3, eval_every=1), num_labels=3)
+    assert stats["stopped_early"] and stats["steps"] == 3 and len(stats["history"]) == 3
+
+
+def test_an_evaluation_that_only_matches_the_best_loss_counts_toward_patience():
+    x, y = _blobs(n_per_class=(3, 3, 3))
+    # a learning rate too small to move the float32 loss: every evaluation ties the first
+    _, stats = train_head(x, y, x, y, _opts(epochs=20, batch_size=64, lr=1e-12, patience=2, eval_every=1),
+                          num_labels=3)
+    losses = [h["val_loss"] for h in stats["history"]]
+    assert losses == [losses[0]] * 3 and stats["stopped_early"] and (stats["best_step"], stats["steps"]) == (1, 3)

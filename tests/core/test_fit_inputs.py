@@ -38,3 +38,51 @@ def test_a_label_equal_to_the_label_count_is_refused(split):
     for solver in ("adamw", "lbfgs"):
         with pytest.raises(TrainingError, match=r"labels must lie in 0\.\.2"):
             train_head(*args, OPTS.model_copy(update={"solver": solver}), num_labels=3, l2=0.1)
+
+
+@pytest.mark.parametrize("case", ["train-rows", "val-rows", "feature-width"])
+def test_features_and_labels_that_disagree_in_shape_are_refused_with_the_fix(case):
+    x, y = blobs(n_per_class=(4, 4, 4))
+    vx, vy = x.clone(), y.clone()
+    if case == "train-rows":
+        y = y[:-1]
+    elif case == "val-rows":
+        vx = vx[:-2]
+    else:
+        vx = vx[:, :-1]
+    for solver in ("adamw", "lbfgs"):
+        with pytest.raises(TrainingError, match=r"features: feature/label shapes disagree: train .*"
+                                                r"\(fix: rebuild the routing dataset with `router build-dataset`\)"):
+            train_head(x, y, vx, vy, OPTS.model_copy(update={"solver": solver}), num_labels=3, l2=0.1)
+
+
+def test_features_that_are_not_a_matrix_are_refused_as_missing():
+    x, y = blobs(n_per_class=(4, 4))
+    with pytest.raises(TrainingError, match="train split: no training features"):
+        train_head(x[:, 0], y, x, y, OPTS, num_labels=2)
+    with pytest.raises(TrainingError, match="val split: no validation features"):
+        train_head(x, y, x[:, 0], y, OPTS, num_labels=2)
+
+
+def test_a_single_label_is_refused_naming_the_fix():
+    x, y = blobs(n_per_class=(6,))
+    with pytest.raises(TrainingError, match=r"labels: a router needs at least two labels \(fix: register another"):
+        train_head(x, y, x, y, OPTS)  # the label count, inferred from the labels: 1
+
+
+def test_lbfgs_refuses_the_mlp_head_and_names_the_solver_that_trains_it():
+    x, y = blobs(n_per_class=(4, 4))
+    with pytest.raises(TrainingError, match=r"train.solver: lbfgs fits the linear head only "
+                                            r"\(fix: use train.solver: adamw with train.head: mlp\)"):
+        train_head(x, y, x, y, OPTS.model_copy(update={"solver": "lbfgs", "head": "mlp"}), num_labels=2, l2=0.1)
+
+
+def test_solver_auto_is_lbfgs_unless_the_head_or_a_minibatch_setting_asks_for_adamw():
+    from vlrouter.core.fit import resolve_solver
+
+    assert resolve_solver("mlp", "lbfgs", set())[0] == "lbfgs"  # an explicit choice stands (train_head refuses it)
+    assert resolve_solver("linear", "adamw", set()) == ("adamw", "train.solver: adamw")
+    assert resolve_solver("mlp", "auto", set())[0] == "adamw"
+    assert resolve_solver("linear", "auto", {"seed", "epochs"})[0] == "lbfgs"
+    solver, why = resolve_solver("linear", "auto", {"eval_every", "batch_size", "seed"})
+    assert solver == "adamw" and why.startswith("--batch-size, --eval-every given")  # in MINIBATCH_SETTINGS' order

@@ -76,6 +76,9 @@ def test_evaluate_without_a_temperature_reports_the_raw_calibration():
     assert m["nll_calibrated"] == pytest.approx(m["nll"]) and m["ece_calibrated"] == pytest.approx(m["ece"])
     hot = evaluate(head, x, y, class_names=["a", "b", "c"], temperature=3.0)
     assert hot["nll"] == pytest.approx(m["nll"]) and hot["nll_calibrated"] != pytest.approx(m["nll"])
+    z = head(x).detach().double() / 3.0  # calibrated: the logits divided by the temperature
+    assert hot["nll_calibrated"] == pytest.approx(float(torch.nn.functional.cross_entropy(z, y)), rel=1e-6)
+    assert hot["ece_calibrated"] == pytest.approx(expected_calibration_error(torch.softmax(z, 1), y), abs=1e-9)
 
 
 def test_a_perfectly_separated_val_split_gets_the_lowest_temperature_not_zero():
@@ -119,7 +122,7 @@ def test_reliability_diagram_draws_the_perfect_calibration_diagonal_corner_to_co
     from vlrouter.core.metrics import plot_reliability, reliability_bins
 
     bins = reliability_bins(torch.tensor([[0.85, 0.15]] * 3, dtype=torch.float64), [0, 0, 1], bins=10)
-    out = plot_reliability(bins, tmp_path / "reliability.png")
+    out = plot_reliability(bins, tmp_path / "new" / "folder" / "reliability.png")  # folders made as needed
     px = np.asarray(Image.open(out).convert("RGB")).astype(int)
     dark = px.sum(2) < 150  # the black axes frame: its rows and columns run across most of the picture
     rows = np.where(dark.sum(1) > 0.5 * px.shape[1])[0]
@@ -139,12 +142,11 @@ def test_reliability_diagram_draws_the_perfect_calibration_diagonal_corner_to_co
     assert hits > 0.6 * len(ts), hits
 
 
-def test_reliability_diagram_is_written_when_the_default_backend_cannot_open_a_window(tmp_path, monkeypatch):
-    # a user's matplotlibrc (or MPLBACKEND) may name a GUI backend; on a headless server it cannot make a figure
+@pytest.fixture
+def gui_default_backend(tmp_path, monkeypatch):
+    """A user's matplotlibrc (or MPLBACKEND) may name a GUI backend; on a headless server it cannot make a figure."""
     import matplotlib
     import matplotlib.pyplot as plt
-
-    from vlrouter.core.metrics import plot_reliability, reliability_bins
 
     (tmp_path / "vlrouter_test_gui_backend.py").write_text(
         "from matplotlib.backend_bases import FigureCanvasBase, FigureManagerBase\n"
@@ -155,9 +157,87 @@ def test_reliability_diagram_is_written_when_the_default_backend_cannot_open_a_w
     monkeypatch.syspath_prepend(str(tmp_path))
     old = matplotlib.get_backend()
     plt.switch_backend("module://vlrouter_test_gui_backend")
-    try:
-        bins = reliability_bins(torch.tensor([[0.9, 0.1], [0.6, 0.4]], dtype=torch.float64), [0, 1], bins=5)
-        out = plot_reliability(bins, tmp_path / "reliability.png")
-    finally:
-        plt.switch_backend(old)
+    yield
+    plt.switch_backend(old)
+
+
+def test_reliability_diagram_is_written_when_the_default_backend_cannot_open_a_window(tmp_path, gui_default_backend):
+    from vlrouter.core.metrics import plot_reliability, reliability_bins
+
+    bins = reliability_bins(torch.tensor([[0.9, 0.1], [0.6, 0.4]], dtype=torch.float64), [0, 1], bins=5)
+    out = plot_reliability(bins, tmp_path / "reliability.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_confusion_plot_is_written_when_the_default_backend_cannot_open_a_window(tmp_path, gui_default_backend):
+    m = classification_metrics([0, 1, 1], [0, 1, 0], ["calendar", "claim-window"])
+    out = plot_confusion(m, tmp_path / "confusion.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reliability_diagram_bars_span_their_bins_with_markers_at_mean_confidence(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from vlrouter.core.metrics import plot_reliability, reliability_bins
+
+    saved = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: saved.append(fig) or real_savefig(fig, *a, **kw))
+    probs = torch.tensor([[0.55, 0.45], [0.65, 0.35], [0.92, 0.08], [0.98, 0.02]], dtype=torch.float64)
+    bins = reliability_bins(probs, [0, 1, 0, 0], bins=5)  # filled: (0.4, 0.6], (0.6, 0.8], (0.8, 1]
+    plot_reliability(bins, tmp_path / "reliability.png")
+    ax = saved[0].axes[0]
+    bars = [v for p in ax.patches for v in (p.get_x(), p.get_width(), p.get_height())]
+    assert bars == pytest.approx([0.4, 0.2, 1.0, 0.6, 0.2, 0.0, 0.8, 0.2, 1.0])  # (x, width, accuracy) per filled bin
+    markers = next(line for line in ax.get_lines() if line.get_marker() == "o")
+    assert list(markers.get_xdata()) == pytest.approx([0.55, 0.65, 0.95])  # at each bin's mean confidence
+    assert list(markers.get_ydata()) == pytest.approx([1.0, 0.0, 1.0])
+
+
+def test_temperature_stops_exactly_at_the_upper_bound_when_the_nll_keeps_falling():
+    from vlrouter.core.metrics import TEMPERATURE_RANGE
+
+    wrong = torch.tensor([[2.0, -2.0]] * 6, dtype=torch.float64)  # confidently wrong every time: T -> infinity
+    assert calibrate_temperature(wrong, [1] * 6) == TEMPERATURE_RANGE[1] == 20.0
+
+
+def test_a_class_never_predicted_or_never_present_scores_zero_not_a_division_error():
+    m = classification_metrics([0, 0, 0], [0, 2, 0], ["a", "b", "c"])  # predictions, labels
+    b, c = m["per_class"]["b"], m["per_class"]["c"]
+    assert b == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}  # never predicted, never present
+    assert c == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}  # present once, never predicted
+    assert m["per_class"]["a"] == {"precision": pytest.approx(2 / 3, abs=1e-4), "recall": 1.0,
+                                   "f1": pytest.approx(0.8), "support": 2}
+
+
+def test_logits_that_say_nothing_leave_the_temperature_near_one_not_at_a_bound():
+    # every T gives the same NLL (log 3): the tie goes to the temperature closest to 1
+    assert calibrate_temperature(torch.zeros(6, 3), [0, 1, 2, 0, 1, 2]) == pytest.approx(1.0, rel=0.05)
+
+
+def test_ece_uses_15_equal_width_bins_unless_told_otherwise():
+    from vlrouter.core.metrics import ECE_BINS
+
+    # 0.61 (right) and 0.65 (wrong) share the 15-bin cell (0.6, 0.667] but not a 16-bin one
+    probs = torch.tensor([[0.61, 0.39], [0.65, 0.35]], dtype=torch.float64)
+    labels = [0, 1]
+    assert ECE_BINS == 15
+    assert expected_calibration_error(probs, labels) == pytest.approx(abs(0.5 - 0.63), abs=1e-12)
+    assert expected_calibration_error(probs, labels, bins=16) == pytest.approx(0.5 * 0.39 + 0.5 * 0.65, abs=1e-12)
+
+
+def test_reliability_bins_default_to_tenths_and_a_confidence_on_the_first_edge_is_counted():
+    from vlrouter.core.metrics import reliability_bins
+
+    uniform = torch.full((3, 4), 0.25, dtype=torch.float64)  # four classes, no idea: confidence 1/4
+    bins = reliability_bins(uniform, [0, 1, 2])
+    assert [(b["lo"], b["hi"]) for b in bins] == [(i / 10, (i + 1) / 10) for i in range(10)]
+    assert [b["n"] for b in bins] == [0, 0, 3] + [0] * 7
+    edge = reliability_bins(uniform, [0, 1, 2], bins=4)  # 0.25 is the first bin's upper edge: it belongs there
+    assert [b["n"] for b in edge] == [3, 0, 0, 0] and edge[0]["accuracy"] == pytest.approx(1 / 3)
+
+
+def test_metrics_of_no_samples_are_zero_not_a_division_error():
+    m = classification_metrics([], [], ["a", "b"])
+    assert (m["n"], m["accuracy"], m["confusion"]) == (0, 0.0, [[0, 0], [0, 0]])
+    assert m["per_class"]["a"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}

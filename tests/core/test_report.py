@@ -51,6 +51,17 @@ def test_misrouted_samples_are_written_and_shown_with_their_three_likeliest_adap
     assert [b[0] for b in bars[1]] == ["calendar", "claim-window", "provider-select"]
 
 
+def test_a_report_written_again_into_the_same_folder_replaces_the_last_one(tmp_path):
+    out = tmp_path / "report"
+    write_report(_result(tmp_path), out)
+    result = _result(tmp_path)
+    result["samples"] = result["samples"][:1]  # now nothing is misrouted
+    html = write_report(result, out).read_text()  # the folder exists: no error
+    assert "Misrouted samples (0)" in html and "0 misrouted" in html and "<div class='card'>" not in html
+    assert (out / "misrouted.jsonl").read_text() == ""
+    assert (out / "confusion.png").is_file() and (out / "reliability.png").is_file()
+
+
 def test_a_card_shows_the_picture_or_says_it_is_unreadable_and_flags_unknown_inputs(tmp_path):
     html = write_report(_result(tmp_path), tmp_path / "out").read_text()
     first, second = html.split("<div class='card'>")[1:]

@@ -219,6 +219,7 @@ def test_pruning_keeps_the_newest_versions_even_within_one_second(tmp_path):
     assert not crashed.exists()  # removed once older than a promoted version
     kept = sorted(p.name for p in versions_dir(live).iterdir())
     assert kept == sorted(p.name for p in made[-KEEP_VERSIONS:])  # the last three, in order
+    assert KEEP_VERSIONS == 3  # README: "The three newest complete versions are kept"
     assert os.path.realpath(live) == str(made[-1])
 
 
@@ -298,3 +299,132 @@ def test_a_relative_base_model_in_router_json_resolves_against_the_registry_fold
     monkeypatch.chdir(elsewhere)
     assert same_base_model("./model", reg)  # written differently, the same folder beside registry.yaml
     assert not same_base_model("./other", reg)
+
+
+def test_an_adapter_edit_keeps_a_better_live_router_unless_forced_and_saves_the_registry_only_after(tmp_path):
+    from vlrouter.core.recipe import Candidate, edit_adapters
+
+    path = make_registry(tmp_path, BASE, ["calendar", "claim-window", "provider-select"], n=3)
+    reg = Registry.load(path)
+    names = ("calendar", "claim-window")  # the live router predates adding provider-select without a retrain
+    promote(_router(reg.router_dir, acc=0.875, adapters=names, bias=0), reg.router_dir)  # scores 0.875 on VAL
+    live, before = _snapshot(reg.router_dir), path.read_bytes()
+    worse = _router(reg.router_dir, acc=0.8125, adapters=names)
+
+    def backend(request):
+        return Candidate(dir=worse, dataset_dir=tmp_path, meta=read_meta(worse), val_views=VAL_X, val_labels=VAL_Y)
+
+    edited = reg.remove_adapter("provider-select")
+    with pytest.raises(PromotionRefused, match="new router 0.812 < live 0.875"):
+        edit_adapters(edited, backend=backend)  # the gate applies unless asked otherwise
+    with pytest.raises(PromotionRefused, match="new router 0.812 < live 0.875"):
+        run_retrain(edited, resolve_options(edited), backend)  # `router retrain` without --force: the same
+    assert _snapshot(reg.router_dir) == live and path.read_bytes() == before  # registry.yaml not written either
+    result = edit_adapters(edited, backend=backend, force=True)
+    assert result.promoted and os.path.realpath(reg.router_dir) == os.path.realpath(worse)
+    assert Registry.load(path).adapter_names == list(names)
+
+
+def test_a_router_trained_on_a_hub_model_matches_the_registry_naming_that_id(tmp_path):
+    from vlrouter.core.store import same_base_model
+
+    reg = Registry.load(make_registry(tmp_path, BASE, ["calendar", "claim-window"], n=2))
+    assert same_base_model(BASE, reg) and same_base_model(BASE, reg, "0123456789abcdef")  # no local folder to check
+    assert not same_base_model("Qwen/Qwen3-VL-2B-Instruct", reg)
+
+
+def test_a_router_for_other_adapters_is_stale_for_the_registry(tmp_path):
+    from vlrouter.core.store import check_router_for
+
+    reg = Registry.load(make_registry(tmp_path, BASE, ["calendar", "claim-window", "provider-select"], n=2))
+    promote(_router(reg.router_dir, acc=0.9, adapters=("calendar", "claim-window")), reg.router_dir)
+    with pytest.raises(StaleRouterError, match=r"adapters: stale router: the adapter set differs"):
+        check_router_for(read_meta(reg.router_dir), reg)
+
+
+def test_a_router_for_another_base_model_is_stale_and_the_same_one_is_not(tmp_path):
+    from vlrouter.core.store import check_router_for
+
+    reg = Registry.load(make_registry(tmp_path, BASE, ["calendar", "claim-window"], n=2))
+    promote(_router(reg.router_dir, acc=0.9, adapters=("calendar", "claim-window")), reg.router_dir)
+    meta = read_meta(reg.router_dir)
+    check_router_for(meta, reg)  # trained on the registry's base model: fine
+    other = meta.model_copy(update={"base_model": "Qwen/Qwen3-VL-2B-Instruct"})
+    with pytest.raises(StaleRouterError, match="base_model: stale router: trained on 'Qwen/Qwen3-VL-2B-Instruct'"):
+        check_router_for(other, reg)
+
+
+def test_a_plain_router_folder_with_a_leftover_temporary_router_json_is_still_adopted(tmp_path):
+    live = tmp_path / "router"
+    shutil.copytree(_router(tmp_path / "old", acc=0.9), live)  # the older layout: a plain folder
+    (live / ".router.json.tmp-1234").write_text("{")  # what an interrupted atomic write leaves
+    promote(_router(live, acc=0.95), live)
+    assert live.is_symlink() and read_meta(live).metrics["val_acc"] == 0.95
+
+
+def test_router_dir_as_a_symlink_is_replaced_only_when_it_points_at_a_router_or_nothing(tmp_path):
+    import os
+
+    cand = _router(tmp_path / "elsewhere" / "router", acc=0.9)
+    notes = tmp_path / "notes"  # a folder that is not a router version: the link stays, nothing moves
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    live = tmp_path / "router"
+    os.symlink(notes, live)
+    with pytest.raises(CheckpointError, match=r"router.dir: is a symlink to .*notes, which is not a router version"):
+        promote(cand, live)
+    assert os.readlink(live) == str(notes) and (notes / "todo.txt").read_text() == "keep me"
+    for target in (tmp_path / "gone", cand):  # dangling (a version pruned by hand), or a router folder: replaced
+        live.unlink()
+        os.symlink(target, live)
+        promote(cand, live)
+        assert live.is_symlink() and read_meta(live).metrics["val_acc"] == 0.9
+
+
+def test_router_train_keeps_a_better_live_router_unless_forced(tmp_path, monkeypatch):
+    from vlrouter.core import recipe
+    from vlrouter.core.data import build_routing_dataset
+
+    names = ("calendar", "claim-window")
+    reg = Registry.load(make_registry(tmp_path, BASE, list(names), n=3))
+    build_routing_dataset(reg, reg.resolve("datasets"), seed=0)
+    promote(_router(reg.router_dir, acc=0.875, adapters=names, bias=0), reg.router_dir)  # scores 0.875 on VAL
+    worse = _router(reg.router_dir, acc=0.8125, adapters=names)
+    monkeypatch.setattr(recipe, "train_candidate", lambda *a, **kw: recipe.Candidate(
+        dir=worse, dataset_dir=tmp_path, meta=read_meta(worse), val_views=VAL_X, val_labels=VAL_Y))
+    opts = resolve_options(reg)
+    with pytest.raises(PromotionRefused, match="new router 0.812 < live 0.875"):
+        recipe.run_train(reg, opts)
+    assert recipe.run_train(reg, opts, force=True).promoted
+
+
+def test_a_candidate_for_other_adapters_is_refused_before_the_gate_and_the_live_router_stays(tmp_path):
+    from vlrouter.core.errors import DatasetError
+    from vlrouter.core.recipe import Candidate
+
+    reg = Registry.load(make_registry(tmp_path, BASE, ["calendar", "claim-window"], n=2))
+    promote(_router(reg.router_dir, acc=0.875, adapters=("calendar", "claim-window"), bias=0), reg.router_dir)
+    live = _snapshot(reg.router_dir)
+    other = _router(reg.router_dir, acc=0.95, adapters=("a", "b"))  # a backend that trained for another registry
+
+    def backend(request):
+        return Candidate(dir=other, dataset_dir=tmp_path, meta=read_meta(other), val_views=VAL_X, val_labels=VAL_Y)
+
+    with pytest.raises(DatasetError, match=r"class_names: built for adapters \['a', 'b'\], but the registry lists "
+                                           r"\['calendar', 'claim-window'\]"):
+        run_retrain(reg, resolve_options(reg), backend, force=True)
+    assert _snapshot(reg.router_dir) == live
+
+
+def test_router_train_refuses_a_dataset_built_for_other_adapters_before_training(tmp_path, monkeypatch):
+    from vlrouter.core import recipe
+    from vlrouter.core.data import build_routing_dataset
+    from vlrouter.core.errors import DatasetError
+
+    three = Registry.load(make_registry(tmp_path, BASE, ["calendar", "claim-window", "provider-select"], n=3))
+    ds = build_routing_dataset(three, three.resolve("datasets"), seed=0)
+    two = Registry.load(make_registry(tmp_path, BASE, ["calendar", "claim-window"], n=3))  # provider-select removed
+    monkeypatch.setattr(recipe, "train_candidate", lambda *a, **kw: pytest.fail("trained on the old dataset"))
+    with pytest.raises(DatasetError, match=rf"{ds / 'metadata.json'}: class_names: built for adapters "
+                                           r"\['calendar', 'claim-window', 'provider-select'\]"):
+        recipe.run_train(two, resolve_options(two))

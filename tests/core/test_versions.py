@@ -65,3 +65,22 @@ def test_a_router_folder_from_elsewhere_is_copied_in_and_left_as_it_was(tmp_path
     assert _live_tag(live) == 7
     assert os.path.realpath(live).startswith(os.path.realpath(versions_dir(live)))  # a copy, among the versions
     assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
+
+
+def test_version_names_sort_in_creation_order_across_a_second_boundary(tmp_path, monkeypatch):
+    """A version made at hh:mm:20.954 and the next at hh:mm:21.001 (the clock ticked in between): the newer
+    name sorts last, so pruning keeps the newest (was: the second came from one clock reading and the
+    nanoseconds from another, so a tick between them named the newer folder ...20-001..., sorting first)."""
+    import time
+    import types
+
+    from vlrouter.core import store
+    from vlrouter.core.store import new_version_dir
+
+    base = 1_795_000_000 * 10**9  # a whole second, as nanoseconds since the epoch
+    clock = iter([base + 954_000_000, base + 10**9 + 1_000_000])
+    monkeypatch.setattr(store, "time", types.SimpleNamespace(time_ns=lambda: next(clock), strftime=time.strftime,
+                                                             localtime=time.localtime))
+    first, second = new_version_dir(tmp_path / "router"), new_version_dir(tmp_path / "router")
+    assert sorted([second.name, first.name]) == [first.name, second.name]
+    assert second.name.startswith(time.strftime("%Y%m%d-%H%M%S", time.localtime(base // 10**9 + 1)) + "-001000000-")

@@ -399,8 +399,9 @@ def new_version_dir(live: str | Path) -> Path:
     Names sort by creation time (to the nanosecond), so pruning keeps the newest.
     """
     vd = ensure_dir(versions_dir(live), field="router.dir")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    d = vd / f"{stamp}-{time.time_ns() % 10**9:09d}-{uuid.uuid4().hex[:6]}"
+    ns = time.time_ns()  # one clock reading: the second and its nanoseconds must not straddle a tick
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(ns // 10**9))
+    d = vd / f"{stamp}-{ns % 10**9:09d}-{uuid.uuid4().hex[:6]}"
     try:
         d.mkdir()
     except OSError as e:
