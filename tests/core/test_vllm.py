@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -243,3 +244,164 @@ def test_router_serve_answers_502_with_the_located_message_when_vllm_is_down(pro
         r = httpx.post(srv.url + "/v1/route", json={"image": base64.b64encode(buf.getvalue()).decode(),
                                                     "prompt": items[0][1]}, timeout=30)
         assert r.status_code == 200  # routing still works
+
+
+# ---- the client's HTTP on an in-memory transport: headers, request bodies, error texts -----------------
+
+class _Seen(list):
+    clients: list
+
+
+def _on_mock(monkeypatch, handler) -> _Seen:
+    """Every httpx.Client the vLLM client makes talks to ``handler``; returns the requests it saw (``.clients``:
+    the httpx clients made)."""
+    import httpx
+
+    seen, real = _Seen(), httpx.Client
+
+    def record(request):
+        seen.append(request)
+        return handler(request)
+
+    def client(**kw):
+        made = real(transport=httpx.MockTransport(record), **kw)
+        clients.append(made)
+        return made
+
+    clients = []
+    monkeypatch.setattr(httpx, "Client", client)
+    seen.clients = clients
+    return seen
+
+
+def _cards(*loras):
+    return {"object": "list", "data": [{"id": "qwen", "parent": None}] + [{"id": n, "parent": "qwen"} for n in loras]}
+
+
+def test_greedy_requests_send_temperature_zero_and_no_sampling_settings():
+    from PIL import Image
+
+    from vlrouter.core.errors import InputError
+    from vlrouter.core.vllm import chat_body
+
+    img = Image.new("RGB", (8, 8), (10, 20, 30))
+    kw = {"max_new_tokens": 4, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "stop_strings": ("a", "b"), "seed": 3,
+          "repetition_penalty": 1.1, "pad_token_id": 7}
+    greedy = chat_body("calendar", img, "Click", kw)
+    assert {k: greedy[k] for k in ("model", "max_tokens", "temperature", "stop", "seed", "repetition_penalty")} == {
+        "model": "calendar", "max_tokens": 4, "temperature": 0.0, "stop": ["a", "b"], "seed": 3,
+        "repetition_penalty": 1.1}
+    assert not {"top_p", "top_k", "pad_token_id", "max_new_tokens"} & set(greedy)
+    sampled = chat_body("calendar", img, "Click", {**kw, "do_sample": True})
+    assert (sampled["temperature"], sampled["top_p"], sampled["top_k"]) == (0.7, 0.9, 5)
+    with pytest.raises(InputError, match=r"^num_beams: this generate argument has no vLLM equivalent \(fix: use "
+                                         r"max_new_tokens, temperature, top_p.*, or engine.generation: local\)$"):
+        chat_body("calendar", img, "Click", {"num_beams": 2})
+
+
+def test_the_api_key_is_sent_as_a_bearer_token_and_no_key_sends_no_header(monkeypatch):
+    from vlrouter.core.vllm import API_KEY_ENV
+
+    seen = _on_mock(monkeypatch, lambda r: __import__("httpx").Response(200, json=_cards()))
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    VLLMClient("http://vllm.test:8001", api_key="s3cret").served()
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    VLLMClient("http://vllm.test:8001").served()
+    monkeypatch.setenv(API_KEY_ENV, "")  # set but empty: no key
+    VLLMClient("http://vllm.test:8001").served()
+    monkeypatch.delenv(API_KEY_ENV)
+    VLLMClient("http://vllm.test:8001").served()
+    assert [r.headers.get("authorization") for r in seen] == ["Bearer s3cret", "Bearer from-env", None, None]
+    assert [str(r.url) for r in seen] == ["http://vllm.test:8001/v1/models"] * 4
+
+
+def test_a_404_for_the_adapter_names_it_and_asks_the_server_what_it_serves_again(monkeypatch):
+    import httpx
+    from PIL import Image
+
+    def handler(r):
+        if r.url.path == "/v1/models":
+            return httpx.Response(200, json=_cards("calendar"))
+        if r.method == "POST" and json.loads(r.content)["model"] == "calendar":
+            return httpx.Response(404, json={"error": {"message": "The model `calendar` does not exist.",
+                                                       "type": "NotFoundError", "code": 404}})
+        return httpx.Response(405, json={"error": {"message": "Method Not Allowed"}})
+
+    seen = _on_mock(monkeypatch, handler)
+    client, img = VLLMClient("http://vllm.test", file="registry.yaml", line=7), Image.new("RGB", (8, 8))
+    for _ in range(2):
+        with pytest.raises(GenerationServerError) as e:
+            client.chat(img, "Click", "calendar", {})
+        assert str(e.value) == ("registry.yaml:7: engine.vllm_url: vLLM at http://vllm.test: does not serve "
+                                "'calendar': The model `calendar` does not exist. (fix: start vLLM with "
+                                "--lora-modules calendar=PATH, or `router add-adapter` again)")
+    assert [r.url.path for r in seen] == ["/v1/models", "/v1/chat/completions"] * 2  # served list asked again
+    with pytest.raises(GenerationServerError, match=r"chat completion with 'qwen' answered HTTP 405: Method Not "
+                                                    r"Allowed \(fix: see the vLLM server's log"):
+        client.chat(img, "Click", "base", {})  # another error status is not "does not serve"
+    assert client._served is not None  # kept: only a 404 means the served set changed
+
+
+def test_error_texts_are_one_line_cut_short_or_name_the_status_or_exception(monkeypatch):
+    from types import SimpleNamespace
+
+    import httpx
+
+    from vlrouter.core.vllm import _message
+
+    def no_json():
+        raise ValueError("not JSON")
+
+    html = SimpleNamespace(json=no_json, text="<html>\n  bad   gateway " + "y" * 400, status_code=502)
+    assert _message(html) == ("<html> bad gateway " + "y" * 400)[:300]
+    assert _message(SimpleNamespace(json=no_json, text="", status_code=502)) == "HTTP 502"
+
+    reasons = iter([httpx.ConnectError(""), httpx.ConnectError("[Errno 111]  Connection\n refused"),
+                    httpx.ConnectError("z" * 500)])
+
+    def refuse(request):
+        raise next(reasons)
+
+    _on_mock(monkeypatch, refuse)
+    client = VLLMClient("http://vllm.test")
+    for shown in ["ConnectError", "[Errno 111] Connection refused", "z" * 200]:
+        with pytest.raises(GenerationServerError) as e:
+            client.served()
+        assert str(e.value) == (f"engine.vllm_url: vLLM at http://vllm.test: cannot connect ({shown}) (fix: start "
+                                "the vLLM server (README: Scaling out), or correct engine.vllm_url)")
+
+
+def test_close_ends_the_connection_pool_and_a_later_request_opens_a_new_one(monkeypatch):
+    import httpx
+
+    seen = _on_mock(monkeypatch, lambda r: httpx.Response(200, json=_cards("calendar")))
+    client = VLLMClient("http://vllm.test")
+    client.served()
+    client.served(refresh=True)
+    assert len(seen.clients) == 1  # one pool for every request
+    client.close()
+    assert seen.clients[0].is_closed
+    client.close()  # twice: nothing to do
+    assert "calendar" in client.served(refresh=True) and len(seen.clients) == 2 and not seen.clients[1].is_closed
+
+
+@pytest.mark.parametrize(("status", "body"), [(404, {"detail": "Not Found"}), (405, {"detail": "Method Not Allowed"})],
+                         ids=["404", "405"])
+def test_a_server_without_the_runtime_lora_routes_says_how_to_allow_them(monkeypatch, status, body):
+    """FastAPI answers 404/405 with {"detail": ...} when vLLM did not register /v1/load_lora_adapter; vLLM's own
+    404 (an adapter folder it cannot find) has its error shape and is another message."""
+    import httpx
+
+    answer = {"json": body}
+    _on_mock(monkeypatch, lambda r: httpx.Response(status, **answer))
+    client = VLLMClient("http://vllm.test")
+    with pytest.raises(GenerationServerError, match=r"does not allow runtime LoRA updates \(no /v1/load_lora_adapter\) "
+                                                    r"\(fix: restart vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"):
+        client.load_lora("calendar", "/srv/loras/calendar")
+    with pytest.raises(GenerationServerError, match=r"does not allow runtime LoRA updates \(no "
+                                                    r"/v1/unload_lora_adapter\)"):
+        client.unload_lora("calendar")
+    answer["json"] = {"error": {"message": "No adapter found"}}
+    with pytest.raises(GenerationServerError, match=rf"refused to load adapter 'calendar' from /srv/loras/calendar "
+                                                    rf"\(HTTP {status}: No adapter found\)"):
+        client.load_lora("calendar", "/srv/loras/calendar")
