@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -405,3 +406,115 @@ def test_a_server_without_the_runtime_lora_routes_says_how_to_allow_them(monkeyp
     with pytest.raises(GenerationServerError, match=rf"refused to load adapter 'calendar' from /srv/loras/calendar "
                                                     rf"\(HTTP {status}: No adapter found\)"):
         client.load_lora("calendar", "/srv/loras/calendar")
+
+
+def test_the_client_takes_engine_settings_from_the_registry_and_errors_name_the_url_line(monkeypatch, tmp_path):
+    import httpx
+
+    def refuse(request):
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    seen = _on_mock(monkeypatch, refuse)
+    text = ("base_model: Qwen/Qwen3-VL-8B-Instruct\nadapters: []\nengine:\n  generation: vllm\n  vllm_timeout: 30\n"
+            "  vllm_url: http://10.0.0.5:8001/v1/\n  vllm_model: qwen\n  vllm_lora_dir: loras\n")
+    client = VLLMClient.from_registry(Registry.from_bytes(text.encode(), tmp_path / "registry.yaml"))
+    assert (client.url, client.timeout, client.model) == ("http://10.0.0.5:8001", 30.0, "qwen")  # no trailing /v1
+    assert client.lora_path("calendar", "/elsewhere") == f"{tmp_path}/loras/calendar"  # relative to the registry
+    with pytest.raises(GenerationServerError) as e:
+        client.served()
+    assert str(e.value).startswith(f"{tmp_path / 'registry.yaml'}:6: engine.vllm_url: vLLM at http://10.0.0.5:8001: "
+                                   "cannot connect ([Errno 111] Connection refused)")
+    assert seen.clients[0].timeout.read == 30.0
+    plain = VLLMClient("  http://h:8001/  ")
+    assert (plain.url, plain.timeout) == ("http://h:8001", 120.0)  # the default: two minutes per request
+    assert repr(plain) == "VLLMClient('http://h:8001', timeout=120)"
+    assert VLLMClient("http://h/v1").url == "http://h" and VLLMClient("http://h/api/v1x").url == "http://h/api/v1x"
+
+
+def test_the_served_models_are_asked_once_and_odd_answers_are_errors(monkeypatch):
+    import httpx
+
+    answer = {"status_code": 200, "json": {"object": "list", "data": [{"id": "qwen"}, "junk", {"object": "model"},
+                                                                      {"id": "calendar", "parent": "qwen"}]}}
+    seen = _on_mock(monkeypatch, lambda r: httpx.Response(**answer))
+    client = VLLMClient("http://vllm.test")
+    assert list(client.served()) == ["qwen", "calendar"]  # cards without an id (or not cards) are skipped
+    assert list(client.served()) == ["qwen", "calendar"] and len(seen) == 1  # cached
+    assert client.base_name() == "qwen" and len(seen) == 1
+    for status, body, shown in [(200, {"object": "list"}, "HTTP 200: {"), (200, ["qwen"], "HTTP 200: "),
+                                (401, {"object": "list", "data": []}, "HTTP 401: ")]:
+        answer.update(status_code=status, json=body)
+        with pytest.raises(GenerationServerError, match=r"GET /v1/models answered " + re.escape(shown) + r".*\(fix: "
+                                                        r"point engine.vllm_url at a vLLM OpenAI-compatible server"):
+            client.served(refresh=True)
+
+
+def test_the_base_models_served_name_is_engine_vllm_model_when_set(monkeypatch):
+    import httpx
+
+    cards = {"object": "list", "data": [{"id": "qwen"}, {"id": "calendar", "parent": "qwen"}]}
+    seen = _on_mock(monkeypatch, lambda r: httpx.Response(200, json=cards))
+    assert VLLMClient("http://vllm.test", model="qwen").base_name() == "qwen" and len(seen) == 1
+    client = VLLMClient("http://vllm.test", model="qwen-8b")
+    with pytest.raises(GenerationServerError, match=r"serves no model named 'qwen-8b' \(engine.vllm_model; it serves "
+                                                    r"qwen, calendar\) \(fix: set engine.vllm_model to the name"):
+        client.base_name()
+    assert len(seen) == 3  # asked again before giving up: the cached list may be old
+    cards["data"].append({"id": "qwen-8b"})  # served since
+    assert client.base_name() == "qwen-8b" and len(seen) == 4
+    cards["data"] = [{"id": "calendar", "parent": "qwen"}]
+    with pytest.raises(GenerationServerError, match=r"GET /v1/models lists no base model \(fix: set engine.vllm_model"):
+        VLLMClient("http://vllm.test").base_name()
+
+
+def test_a_batch_gets_one_text_per_row_in_row_order(monkeypatch):
+    import httpx
+    from PIL import Image
+
+    def answer(r):
+        if r.url.path == "/v1/models":
+            return httpx.Response(200, json=_cards("calendar", "claim-window"))
+        body = json.loads(r.content)
+        text = f"{body['model']}: {body['messages'][0]['content'][1]['text']}"
+        return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": text}}]})
+
+    _on_mock(monkeypatch, answer)
+    client, img = VLLMClient("http://vllm.test"), Image.new("RGB", (8, 8))
+    rows = [("calendar", "a"), ("base", "b"), ("claim-window", "c"), ("calendar", "d")]
+    texts = client.generate([img] * 4, [p for _, p in rows], [a for a, _ in rows], {"max_new_tokens": 3})
+    assert texts == ["calendar: a", "qwen: b", "claim-window: c", "calendar: d"]
+    assert client.generate([img], ["e"], ["claim-window"], {}) == ["claim-window: e"]
+
+
+def test_only_vllms_already_loaded_answer_counts_as_already_served(monkeypatch):
+    import httpx
+
+    loaded = "The lora adapter 'calendar' has already been loaded."
+    answer = {"status_code": 400, "json": {"error": {"message": loaded}}}
+    _on_mock(monkeypatch, lambda r: httpx.Response(**answer))
+    client = VLLMClient("http://vllm.test")
+    assert client.load_lora("calendar", "/srv/calendar") == "vLLM at http://vllm.test already serves adapter 'calendar'"
+    answer["json"] = {"error": {"message": "Invalid lora_path"}}
+    with pytest.raises(GenerationServerError, match=r"refused to load adapter 'calendar' from /srv/calendar "
+                                                    r"\(HTTP 400: Invalid lora_path\)"):
+        client.load_lora("calendar", "/srv/calendar")
+    answer["status_code"] = 500  # a server error that happens to mention it is no success
+    answer["json"] = {"error": {"message": "adapter has already been loaded, then the GPU fell over"}}
+    with pytest.raises(GenerationServerError, match=r"HTTP 500"):
+        client.load_lora("calendar", "/srv/calendar")
+
+
+def test_syncing_an_adapter_with_the_server_closes_its_connections(monkeypatch, tmp_path):
+    import httpx
+
+    seen = _on_mock(monkeypatch, lambda r: httpx.Response(200, text="Success"))
+    text = ("base_model: Qwen/Qwen3-VL-8B-Instruct\nengine:\n  generation: vllm\n  vllm_url: http://vllm.test\n"
+            "adapters:\n  - name: calendar\n    dataset: d.jsonl\n    checkpoint: ck/calendar\n")
+    reg = Registry.from_bytes(text.encode(), tmp_path / "registry.yaml")
+    assert sync_adapter(reg, "calendar", added=True) == ("loaded adapter 'calendar' into vLLM at http://vllm.test "
+                                                         f"from {tmp_path / 'ck' / 'calendar'}")
+    assert sync_adapter(reg, "calendar", added=False) == "unloaded adapter 'calendar' from vLLM at http://vllm.test"
+    assert [json.loads(r.content) for r in seen] == [{"lora_name": "calendar",
+                                                      "lora_path": str(tmp_path / "ck" / "calendar")},
+                                                     {"lora_name": "calendar"}]
+    assert len(seen.clients) == 2 and all(c.is_closed for c in seen.clients)
