@@ -163,10 +163,10 @@ def cks(tmp_path_factory, tiny_model_dir):
     return out
 
 
-def _pool(tiny_model_dir, cks, names, capacity=None, **paths):
+def _pool(tiny_model_dir, cks, names, capacity=None):
     from vlrouter.core.encoder import load_base_model
 
-    srcs = [residency.AdapterSource(n, cks[paths.get(n, n)]) for n in names]
+    srcs = [residency.AdapterSource(n, cks[n]) for n in names]
     return residency.AdapterPool.load(load_base_model(str(tiny_model_dir), device="cpu"), srcs, capacity)
 
 
