@@ -155,11 +155,13 @@ def test_an_adapter_whose_weights_vanished_before_first_use_is_a_located_error(b
 
 @pytest.fixture(scope="module")
 def cks(tmp_path_factory, tiny_model_dir):
-    """LM-only LoRAs cal/claim/prov, a vision-tower LoRA vis, and a second checkpoint of cal (other weights)."""
+    """LM-only LoRAs cal/claim/prov, a vision-tower LoRA vis, and a second checkpoint of cal (other weights, more
+    layers)."""
     root = tmp_path_factory.mktemp("pool")
     out = H.make_lora_adapters(tiny_model_dir, root / "lm", ["cal", "claim", "prov"])
     out |= H.make_lora_adapters(tiny_model_dir, root / "vision", ["vis"], target_modules=H.VISION_TARGETS)
-    out["cal-v2"] = H.make_lora_adapters(tiny_model_dir, root / "v2", ["cal"], seed=7)["cal"]
+    wider = r".*language_model.*\.(q_proj|v_proj|down_proj)"  # a retrained cal that also wraps down_proj
+    out["cal-v2"] = H.make_lora_adapters(tiny_model_dir, root / "v2", ["cal"], seed=7, target_modules=wider)["cal"]
     return out
 
 
@@ -226,6 +228,17 @@ def test_vision_adapters_are_known_from_the_checkpoint_before_they_are_loaded(ti
     assert pool.vision_adapters() == frozenset({"vis"})
     pool.ensure(["cal"])  # evicted again: still a vision adapter
     assert pool.vision_adapters() == frozenset({"vis"})
+    # vis retrained as an LM-only LoRA while not resident: no longer a vision adapter
+    srcs = [residency.AdapterSource("cal", cks["cal"]), residency.AdapterSource("vis", cks["claim"])]
+    _, replaced, _ = pool.update(srcs)
+    assert replaced == ["vis"] and pool.resident == ["cal"] and pool.vision_adapters() == frozenset()
+
+
+def test_without_a_cap_the_limit_is_every_known_adapter_and_never_below_one(tiny_model_dir, cks):
+    pool = _pool(tiny_model_dir, cks, ["cal", "claim"])
+    assert pool.limit == 2
+    pool.drop(["cal", "claim"])
+    assert pool.known == set() and pool.limit == 1
 
 
 def test_a_dropped_adapter_is_forgotten_and_a_new_one_of_its_name_starts_afresh(tiny_model_dir, cks):
@@ -256,12 +269,14 @@ def test_restore_undoes_an_update_reloading_the_replaced_adapter_from_its_old_fo
                                             residency.AdapterSource("prov", cks["prov"])])
     assert (added, replaced, removed) == (["prov"], ["cal"], ["claim"])
     assert _holds_weights_of(pool, "cal", cks["cal-v2"]) and "prov" in pool.model.peft_config  # no cap: loaded now
+    assert any(".down_proj.lora_A.cal." in n for n, _ in pool.model.named_parameters())  # its new layers too
     assert loads == ["cal", "prov"]
     pool.restore(snap)
     assert loads == ["cal", "prov", "cal"]  # only the replaced adapter is read again
     assert pool.known == {"cal", "claim"} and sorted(pool.resident) == ["cal", "claim"]
     assert set(pool.model.peft_config) == {"cal", "claim"}
     assert _holds_weights_of(pool, "cal", cks["cal"]) and _holds_weights_of(pool, "claim", cks["claim"])
+    assert not any(".down_proj.lora_A." in n for n, _ in pool.model.named_parameters())
     assert pool.sources["cal"].path == cks["cal"] and pool.evictions == 0  # swaps are not evictions
     # claim, untouched by the update, kept its weights (with hundreds resident, a restore reloads only what changed)
     now = [p for n, p in pool.model.named_parameters() if ".claim." in n]
