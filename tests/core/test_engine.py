@@ -381,6 +381,77 @@ def test_constructor_refuses_a_model_without_the_adapters(engine, tiny_encoder):
         Engine(engine.model, engine.processor, engine.head, engine.meta, fallback="nope")
 
 
+
+def test_an_error_about_a_single_item_names_no_item_and_one_in_a_batch_names_its_index(engine):
+    img = H.screen("calendar")
+    with pytest.raises(InputError) as e:
+        engine.route(img, "  ")
+    assert str(e.value) == "prompt is empty (fix: pass the instruction text, e.g. 'Click March 29')"
+    with pytest.raises(InputError) as e:
+        engine.route_batch([(img, "Click"), (img, "")])
+    assert str(e.value) == "item 1: prompt is empty (fix: pass the instruction text, e.g. 'Click March 29')"
+    with pytest.raises(ImageError) as e:
+        engine.route(b"garbage", "Click")
+    assert "item" not in str(e.value)
+
+
+def test_constructor_refuses_a_router_reading_a_layer_the_model_does_not_have(engine):
+    n = engine.meta.num_layers
+    with pytest.raises(InputError) as e:
+        _variant(engine, meta={"layer": n + 5, "num_layers": n + 5})  # a router made for a deeper model
+    assert str(e.value) == (f"router.json: layer: {n + 5} is out of range for a model with {n} layers (fix: use "
+                            f"1..{n} (or -1..-{n + 1}; -1 is the last), or auto)")
+    with pytest.raises(InputError, match=rf"router.json: layer: {n + 5} is out of range"):
+        _variant(engine, meta={"layer": -1, "num_layers": n + 5})  # the last layer of a deeper model: not ours
+    old = _variant(engine, meta={"layer": -1, "num_layers": None})  # a format-1 router: -1 means this model's last
+    assert old.meta.num_layers == n and old.representation == engine.representation
+
+
+class FixedOOD:
+    """An OOD model whose scores are given (the real one's threshold semantics: score <= threshold is known)."""
+
+    def __init__(self, scores, threshold):
+        self.scores, self.threshold, self.seen = scores, threshold, []
+
+    def score(self, feats, content):
+        self.seen.append((feats, content))
+        return torch.tensor(self.scores[: feats.shape[0]], dtype=torch.float64)
+
+
+def test_an_input_scoring_exactly_the_ood_threshold_is_known(engine, items):
+    """The threshold is the validation quantile kept known: a score equal to it is in, just above is out."""
+    ood = FixedOOD([1.5, 1.5 + 1e-9, 0.25], 1.5)
+    e = _variant(engine, ood=ood)
+    routes = e.route_batch(items[:3])
+    feats, content = ood.seen[-1]  # it scores the standardized features the head reads, and the screenshot view
+    with torch.no_grad():
+        torch.testing.assert_close(feats, engine.head[0](engine.embed([i for i, _ in items[:3]],
+                                                                      [p for _, p in items[:3]])))
+    assert content is not None and content.shape[0] == 3
+    assert [r.known for r in routes] == [True, False, True]
+    assert [r.ood_score for r in routes] == [1.5, 1.5 + 1e-9, 0.25]
+    assert [r.known for r in engine.route_batch(items[:3])] == [True] * 3  # no OOD model: everything known
+
+
+def test_the_registry_plugin_modules_parse_in_the_engine_and_a_given_manager_is_used_as_is(project, items,
+                                                                                           monkeypatch):
+    import sys
+    import types
+
+    mod = types.ModuleType("tests_engine_echo_plugin")
+    mod.parse_action = hookimpl(lambda adapter, text: UIAction(name="echo", args={"adapter": adapter}))
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    reg = project.parent / "plugin-registry.yaml"
+    entry = "  - name: calendar\n"
+    reg.write_text(project.read_text().replace(entry, f"{entry}    plugin: {mod.__name__}\n"))
+    engine = Engine.from_registry(reg, device="cpu")
+    assert engine.plugin_manager.get_plugin(mod.__name__) is mod
+    act = engine.act(*items[0], max_new_tokens=2, adapter="calendar")
+    assert act.action == UIAction(name="echo", args={"adapter": "calendar"})
+    pm = get_plugin_manager(extra_plugins=(EchoParser(),), entry_points=False)
+    assert Engine.from_registry(reg, device="cpu", plugin_manager=pm).plugin_manager is pm
+
+
 # ---- loading errors ---------------------------------------------------------------------
 
 def _copy_project(project: Path, dst: Path) -> Path:

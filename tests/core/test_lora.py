@@ -157,3 +157,189 @@ def test_the_fast_switches_follow_an_adapter_replaced_with_other_target_modules(
         assert not torch.allclose(model(input_ids=ids).logits, base)
     with torch.inference_mode(), adapters_off(model):
         torch.testing.assert_close(model(input_ids=ids).logits, base, rtol=0, atol=0)
+
+
+def test_missing_keys_of_embedding_loras_are_the_adapters_own_too():
+    """peft's embedding LoRA keeps its matrices in a ParameterDict: the key ends with the adapter's name."""
+    keys = ["base_model.model.embed_tokens.lora_embedding_A.emb", "base_model.model.embed_tokens.lora_embedding_B.emb",
+            "base_model.model.embed_tokens.lora_embedding_A.emb-2"]
+    assert missing_for("emb", keys) == keys[:2]
+    assert missing_for("emb", ["lora_A"]) == []  # no segment after lora_A: nobody's
+
+
+def test_load_adapters_gives_a_frozen_model_in_eval_mode_and_knows_which_adapters_touch_vision(tmp_path,
+                                                                                            tiny_model_dir):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vlrouter.core.lora import vision_adapters
+
+    cks = H.make_lora_adapters(tiny_model_dir, tmp_path, ["calendar"])
+    cks |= H.make_lora_adapters(tiny_model_dir, tmp_path, ["vis"], target_modules=H.VISION_TARGETS)
+    base = AutoModelForImageTextToText.from_pretrained(str(tiny_model_dir), dtype=torch.float32).train()
+    assert any(p.requires_grad for p in base.parameters())  # a model as a training script holds it
+    model = load_adapters(base, [AdapterSource(n, cks[n]) for n in ("calendar", "vis")])
+    assert not any(p.requires_grad for p in model.parameters()) and not any(m.training for m in model.modules())
+    assert vision_adapters(model) == {"vis"}
+
+
+def test_peft_warnings_stay_visible_except_the_ones_vlrouter_handles_itself(tmp_path, tiny_model_dir, monkeypatch):
+    import warnings
+
+    from peft import PeftModel
+
+    from vlrouter.core.encoder import load_base_model
+
+    real = PeftModel.from_pretrained
+
+    def chatty(*args, **kwargs):
+        warnings.warn("peft: this LoRA config is unusual", UserWarning, stacklevel=2)
+        warnings.warn("adapter name should not be contained in the prefix", UserWarning, stacklevel=2)  # checked
+        warnings.warn("`foo` is deprecated", FutureWarning, stacklevel=2)  # library-internal deprecations
+        warnings.warn("`bar` is deprecated", DeprecationWarning, stacklevel=2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(PeftModel, "from_pretrained", chatty)
+    cks = H.make_lora_adapters(tiny_model_dir, tmp_path, ["calendar"])
+    base = load_base_model(str(tiny_model_dir), device="cpu")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_adapters(base, [AdapterSource("calendar", cks["calendar"])])
+    mine = {"peft: this LoRA config is unusual", "adapter name should not be contained in the prefix",
+            "`foo` is deprecated", "`bar` is deprecated"}
+    assert [str(w.message) for w in seen if str(w.message) in mine] == ["peft: this LoRA config is unusual"]
+    assert next(w for w in seen if "unusual" in str(w.message)).category is UserWarning
+
+
+def test_an_adapter_loaded_after_the_last_one_was_deleted_is_the_active_one_and_frozen(tmp_path, tiny_model_dir):
+    """peft keeps naming a deleted last adapter as active; the next load must not leave a dangling name behind."""
+    import torch
+
+    from vlrouter.core.encoder import load_base_model
+    from vlrouter.core.lora import delete_adapter, load_adapter
+
+    cks = H.make_lora_adapters(tiny_model_dir, tmp_path, ["calendar", "claim-window"])
+    model = load_adapters(load_base_model(str(tiny_model_dir), device="cpu"),
+                          [AdapterSource("calendar", cks["calendar"])])
+    delete_adapter(model, "calendar")
+    load_adapter(model, AdapterSource("claim-window", cks["claim-window"]))
+    assert model.active_adapter == "claim-window" and list(model.peft_config) == ["claim-window"]
+    assert model.get_base_model() is not None  # raised KeyError: 'calendar'
+    assert not any(p.requires_grad for p in model.parameters())
+    with torch.inference_mode():
+        assert model(input_ids=torch.tensor([[5, 9, 14]])).logits.isfinite().all()
+
+
+def _without_one_weight(src, dst):
+    """A copy of checkpoint ``src`` whose safetensors lacks one LoRA matrix (a half-written save)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "adapter_model.safetensors"))
+    weights.pop(sorted(weights)[0])
+    save_file(weights, str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize("position", [0, 1], ids=["first-adapter", "second-adapter"])
+def test_a_checkpoint_lacking_weights_is_refused_even_where_warnings_are_ignored(tmp_path, tiny_model_dir, position):
+    """peft only *warns* about missing adapter keys (first adapter) or lists them (the others); a script running
+    with warnings ignored (``python -W ignore``) must still not get an adapter with random weights."""
+    import warnings
+
+    from vlrouter.core.encoder import load_base_model
+
+    cks = H.make_lora_adapters(tiny_model_dir, tmp_path, ["calendar", "claim-window"])
+    names = ["calendar", "claim-window"]
+    cks[names[position]] = _without_one_weight(cks[names[position]], tmp_path / "broken")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ModelLoadError, match=rf"adapter '{names[position]}' \(.*broken\) lacks weights for "
+                                                 r"modules the config targets: .*\(fix: re-save the adapter"):
+            load_adapters(load_base_model(str(tiny_model_dir), device="cpu"), [AdapterSource(n, cks[n]) for n in names])
+
+
+@pytest.mark.parametrize("position", [0, 1], ids=["first-adapter", "second-adapter"])
+def test_a_load_failing_inside_torch_names_the_adapter_and_the_first_line_of_the_error(tmp_path, tiny_model_dir,
+                                                                                       monkeypatch, position):
+    from peft import PeftModel
+
+    from vlrouter.core.encoder import load_base_model
+    from vlrouter.core.lora import load_adapter
+
+    names = ["calendar", "claim-window"]
+    cks = H.make_lora_adapters(tiny_model_dir, tmp_path, names)
+    real = PeftModel.load_adapter
+
+    def out_of_memory(self, model_id, adapter_name, *args, **kwargs):  # peft's from_pretrained loads through it too
+        if adapter_name == names[position]:
+            raise RuntimeError("CUDA error: out of memory")
+        return real(self, model_id, adapter_name, *args, **kwargs)
+
+    monkeypatch.setattr(PeftModel, "load_adapter", out_of_memory)
+    name = names[position]
+    expected = rf"adapter '{name}' \(.*{name}\) does not fit the base model: CUDA error: out of memory \(fix: "
+    with pytest.raises(ModelLoadError, match=expected):
+        load_adapters(load_base_model(str(tiny_model_dir), device="cpu"), [AdapterSource(n, cks[n]) for n in names])
+    if position:  # one more adapter into a running model: the same message
+        model = load_adapters(load_base_model(str(tiny_model_dir), device="cpu"), [AdapterSource(n, cks[n])
+                                                                                    for n in names[:1]])
+        with pytest.raises(ModelLoadError, match=expected):
+            load_adapter(model, AdapterSource(names[1], cks[names[1]]))
+
+
+def test_swapping_adapters_in_a_running_model_shows_no_library_warnings(tmp_path, tiny_model_dir, monkeypatch):
+    """An on-demand load or an eviction under a serving engine must not print peft's deprecation notices or its
+    "Adapter X was active which is now deleted" (the engine activates adapters itself)."""
+    import warnings
+
+    from peft import PeftModel
+
+    from vlrouter.core.encoder import load_base_model
+    from vlrouter.core.lora import delete_adapter, load_adapter
+
+    cks = H.make_lora_adapters(tiny_model_dir, tmp_path, ["calendar", "claim-window"])
+    model = load_adapters(load_base_model(str(tiny_model_dir), device="cpu"), [AdapterSource("calendar",
+                                                                                            cks["calendar"])])
+    real = PeftModel.load_adapter
+
+    def deprecated(self, *args, **kwargs):
+        warnings.warn("`torch_device` is deprecated", FutureWarning, stacklevel=2)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PeftModel, "load_adapter", deprecated)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        load_adapter(model, AdapterSource("claim-window", cks["claim-window"]))
+        model.set_adapter("calendar")
+        delete_adapter(model, "calendar")  # the active one
+    assert [str(w.message) for w in seen if "deprecated" in str(w.message) or "active" in str(w.message)] == []
+    assert list(model.peft_config) == ["claim-window"]
+
+
+def test_a_checkpoint_stamp_changes_when_a_file_is_rewritten_in_place(tmp_path, tiny_model_dir):
+    import os
+
+    from vlrouter.core.lora import checkpoint_stamp
+
+    ck = H.make_lora_adapters(tiny_model_dir, tmp_path, ["calendar"])["calendar"]
+    first = checkpoint_stamp(ck)
+    assert first == checkpoint_stamp(ck) and first[0] == os.path.realpath(ck)
+    assert [f[0] for f in first[1]] == ["adapter_config.json", "adapter_model.safetensors"]  # no .bin: skipped
+    weights = ck / "adapter_model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # retrained: same size, newer file
+    assert checkpoint_stamp(ck) != first
+
+
+def test_a_rank_that_does_not_match_the_weights_names_the_size_mismatch_not_torchs_preamble(tmp_path, tiny_model_dir):
+    from vlrouter.core.encoder import load_base_model
+
+    ck = H.make_lora_adapters(tiny_model_dir, tmp_path, ["calendar"])["calendar"]
+    cfg = json.loads((ck / "adapter_config.json").read_text())
+    (ck / "adapter_config.json").write_text(json.dumps({**cfg, "r": 2 * cfg["r"]}))  # says rank 8, holds rank 4
+    with pytest.raises(ModelLoadError) as e:
+        load_adapters(load_base_model(str(tiny_model_dir), device="cpu"), [AdapterSource("calendar", ck)])
+    assert "adapter 'calendar' (" in str(e.value)
+    assert "does not fit the base model: size mismatch for base_model.model." in str(e.value)
+    assert "Error(s) in loading state_dict" not in str(e.value)

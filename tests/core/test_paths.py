@@ -21,6 +21,12 @@ def test_a_fifo_is_refused_without_being_opened(tmp_path):
     assert check_regular_file(tmp_path / "missing") == tmp_path / "missing"  # the caller words "not found"
 
 
+def test_a_regular_file_comes_back_as_the_path_given_symlinks_not_resolved(tmp_path):
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "data.jsonl")
+    assert check_regular_file(str(tmp_path / "data.jsonl")) == tmp_path / "data.jsonl"
+    assert check_regular_file(tmp_path / "link.jsonl", what="dataset") == tmp_path / "link.jsonl"
+
 def test_a_device_or_a_folder_is_named_for_what_it_is(tmp_path):
     with pytest.raises(InputError, match=r"dataset /dev/null is a device, not a regular file"):
         check_regular_file("/dev/null", what="dataset")

@@ -460,3 +460,88 @@ def test_a_new_registry_without_adapters_loads_with_an_empty_list(tmp_path):
     assert text.startswith("# vlrouter registry:") and text.endswith("\nadapters: []\n")
     reg = load_text(tmp_path, text)
     assert reg.model.base_model == "Qwen/Qwen3-VL-8B-Instruct" and reg.adapter_names == []
+
+
+# Every bounded router:/train:/modal: number: (section, key, lowest allowed, highest allowed, just below, just above).
+REGISTRY_LIMITS = [
+    ("router", "layer", -10_000, 10_000, -10_001, 10_001),
+    ("router", "max_prompt_tokens", 1, 1_000_000, 0, 1_000_001),
+    ("train", "epochs", 1, 1_000_000, 0, 1_000_001),
+    ("train", "batch_size", 1, 1_000_000, 0, 1_000_001),
+    ("train", "patience", 1, 1_000_000, 0, 1_000_001),
+    ("train", "eval_every", 1, 1_000_000, 0, 1_000_001),
+    ("train", "val_fraction", 0.001, 0.999, 0, 1),
+    ("train", "seed", 0, 2**63 - 1, -1, 2**63),  # what torch.manual_seed and numpy accept
+    ("train", "head_hidden", 1, 65_536, 0, 65_537),
+    ("train", "cv_folds", 2, 100, 1, 101),
+    ("train", "train_samples", 1, 1_000_000_000, 0, 1_000_000_001),
+    ("train", "eval_samples", 0, 1_000_000_000, -1, 1_000_000_001),
+    ("train", "workers", 1, 256, 0, 257),
+    ("train", "embed_batch_size", 1, 65_536, 0, 65_537),
+    ("modal", "cpu_shards", 1, 10_000, 0, 10_001),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "low", "high", "under", "over"), REGISTRY_LIMITS,
+                         ids=[x[1] for x in REGISTRY_LIMITS])
+def test_each_number_takes_exactly_its_documented_range(section, key, low, high, under, over):
+    def text(value):
+        return f"base_model: Qwen/Qwen3-VL-8B-Instruct\nadapters: []\n{section}:\n  {key}: {value}\n"
+
+    for ok in (low, high):
+        assert getattr(getattr(Registry.from_bytes(text(ok).encode()).model, section), key) == ok
+    for bad in (under, over):
+        with pytest.raises(RegistryError) as e:
+            Registry.from_bytes(text(bad).encode(), "registry.yaml")
+        assert str(e.value).startswith(f"registry.yaml:4: {section}.{key}"), str(e.value)
+        assert "(fix: " in str(e.value)
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("router:\n  1: x\n", "registry.yaml:4: router.1: unknown key '1' (fix: remove it; known keys: dir, "),
+    ("router:\n  dir: r\n  true: x\n", "registry.yaml:5: router.True: unknown key 'True' (fix: remove it; "),
+    ("2: x\n", "registry.yaml:3: 2: unknown key '2' (fix: remove it; known keys: base_model, "),
+], ids=["number", "boolean", "top-level-number"])
+def test_a_key_yaml_reads_as_a_number_or_boolean_is_named_with_its_own_line(body, expected):
+    """YAML reads ``1:`` as the number 1 and ``true:`` as True: still typo'd keys, named as such, at their line."""
+    with pytest.raises(RegistryError) as e:
+        Registry.from_bytes(f"base_model: m\nadapters: []\n{body}".encode(), "registry.yaml")
+    assert str(e.value).startswith(expected), str(e.value)
+
+
+@pytest.mark.parametrize("value", [-10_001, 10_001, "last", "true", 1.5])
+def test_a_bad_layer_is_one_message_saying_what_a_layer_is(value):
+    with pytest.raises(RegistryError) as e:
+        Registry.from_bytes(f"base_model: m\nadapters: []\nrouter:\n  layer: {value}\n".encode(), "registry.yaml")
+    assert str(e.value).startswith("registry.yaml:4: router.layer: layer must be auto or a hidden-state index (an "
+                                   "integer, -1 = the last layer), got "), str(e.value)
+    assert "(+" not in str(e.value)  # one error, not one per alternative of the union
+
+
+@pytest.mark.parametrize(("pooling", "views"), [("auto", None), ("mean", ["mean"]), ("[last, mean]", ["last", "mean"])])
+def test_router_views_are_none_for_auto_else_the_listed_views_in_order(pooling, views):
+    router = Registry.from_bytes(f"base_model: m\nadapters: []\nrouter:\n  pooling: {pooling}\n".encode()).model.router
+    assert router.views == views
+    assert router.pooling == (pooling if views is None or len(views) == 1 else views)
+
+
+@pytest.mark.parametrize(("value", "ok"), [("auto", True), (0.5, True), (1e-6, True), (3, True), (0, False),
+                                           (-1.0, False), (".inf", False), ("strong", False)])
+def test_train_l2_is_auto_or_a_positive_finite_number(value, ok):
+    text = f"base_model: m\nadapters: []\ntrain:\n  l2: {value}\n".encode()
+    if ok:
+        assert Registry.from_bytes(text).model.train.l2 == value
+    else:
+        with pytest.raises(RegistryError, match=r"^registry.yaml:4: train.l2"):
+            Registry.from_bytes(text, "registry.yaml")
+
+
+def test_a_registry_over_one_mib_is_refused_before_it_is_read(tmp_path):
+    head = b"base_model: m\nadapters: []\n"
+    p = tmp_path / "registry.yaml"
+    p.write_bytes(head + b"#" * ((1 << 20) + 1 - len(head)))
+    with pytest.raises(RegistryError, match=r"1,048,577 bytes is far too large for a registry \(limit 1,048,576\) "
+                                            r"\(fix: point --registry at registry.yaml\)"):
+        Registry.load(p)
+    p.write_bytes(head + b"#" * ((1 << 19) + 1 - len(head)) + b"\n")  # half a MiB of comments: still a registry
+    assert Registry.load(p).model.base_model == "m"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -148,3 +149,150 @@ def test_an_adapter_whose_weights_vanished_before_first_use_is_a_located_error(b
         engine.act(*items[0], max_new_tokens=MAX_NEW, adapter=victim)
     assert victim not in engine.model.peft_config and len(engine.model.peft_config) <= CAP
     assert engine.act(*items[0], max_new_tokens=MAX_NEW, adapter=NAMES[0]).adapter == NAMES[0]  # still serving
+
+
+# ---- the pool on its own: LRU order, vision flags, drop, restore --------------------------------------
+
+@pytest.fixture(scope="module")
+def cks(tmp_path_factory, tiny_model_dir):
+    """LM-only LoRAs cal/claim/prov, a vision-tower LoRA vis, and a second checkpoint of cal (other weights, more
+    layers)."""
+    root = tmp_path_factory.mktemp("pool")
+    out = H.make_lora_adapters(tiny_model_dir, root / "lm", ["cal", "claim", "prov"])
+    out |= H.make_lora_adapters(tiny_model_dir, root / "vision", ["vis"], target_modules=H.VISION_TARGETS)
+    wider = r".*language_model.*\.(q_proj|v_proj|down_proj)"  # a retrained cal that also wraps down_proj
+    out["cal-v2"] = H.make_lora_adapters(tiny_model_dir, root / "v2", ["cal"], seed=7, target_modules=wider)["cal"]
+    return out
+
+
+def _pool(tiny_model_dir, cks, names, capacity=None):
+    from vlrouter.core.encoder import load_base_model
+
+    srcs = [residency.AdapterSource(n, cks[n]) for n in names]
+    return residency.AdapterPool.load(load_base_model(str(tiny_model_dir), device="cpu"), srcs, capacity)
+
+
+def _holds_weights_of(pool, name, folder) -> bool:
+    """The model's LoRA weights for ``name`` are exactly those in checkpoint ``folder``."""
+    from safetensors.torch import load_file
+
+    state = pool.model.state_dict()
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    return all(state[k.replace(".weight", f".{name}.weight")].equal(v) for k, v in saved.items())
+
+
+@pytest.mark.parametrize("cap", [0, -1])
+def test_a_cap_below_one_is_refused_naming_the_setting_and_the_fix(cap):
+    with pytest.raises(residency.InputError, match=rf"^max_loaded_adapters: must be >= 1, got {cap} \(fix: keep at "
+                                                   r"least one adapter loaded, or pass None for all\)$"):
+        residency.AdapterPool(None, capacity=cap)
+
+
+def test_using_an_adapter_makes_it_the_most_recent_so_the_least_recently_used_is_evicted(tiny_model_dir, cks):
+    pool = _pool(tiny_model_dir, cks, ["cal", "claim", "prov"], capacity=2)
+    assert pool.resident == ["cal", "claim"] and pool.known == {"cal", "claim", "prov"} and pool.limit == 2
+    pool.ensure(["cal", "base"])  # cal used again: claim is now the least recently used; base needs no adapter
+    assert pool.resident == ["claim", "cal"] and (pool.loads, pool.evictions) == (0, 0)
+    pool.model.base_model.model.lm_head.requires_grad_(True)  # something made a weight trainable meanwhile
+    pool.ensure(["prov"])
+    assert pool.resident == ["cal", "prov"] and set(pool.model.peft_config) == {"cal", "prov"}
+    assert (pool.loads, pool.evictions, pool.peak) == (1, 1, 2)
+    assert _holds_weights_of(pool, "prov", cks["prov"]) and _holds_weights_of(pool, "cal", cks["cal"])
+    # loaded for inference like the first ones: no module in training mode (LoRA dropout), no weight that trains
+    # (the engine's fast adapter switches are only right on a fully frozen model)
+    assert not any(m.training for m in pool.model.modules())
+    assert not any(p.requires_grad for p in pool.model.parameters())
+    pool.ensure(["claim", "prov"])  # the adapter a call needs is never the one evicted for it
+    assert pool.resident == ["prov", "claim"] and (pool.loads, pool.evictions) == (2, 2)
+    with pytest.raises(residency.InputError, match=r"^adapters: 3 adapters in one generate call, but at most 2 may be "
+                                                   r"loaded at once \(engine.max_loaded_adapters\)"):
+        pool.ensure(["cal", "claim", "prov"])
+    assert pool.resident == ["prov", "claim"]  # a refused call changes nothing
+
+
+def test_one_adapter_at_a_time_swaps_in_every_adapter_with_its_own_weights(tiny_model_dir, cks):
+    """engine.max_loaded_adapters: 1 -- the model holds no adapter between the eviction and the load (peft then
+    still named the deleted adapter active, and the load failed with KeyError: 'cal')."""
+    pool = _pool(tiny_model_dir, cks, ["cal", "claim", "prov"], capacity=1)
+    for name in ["claim", "prov", "cal", "prov"]:
+        pool.ensure([name])
+        assert pool.resident == [name] and list(pool.model.peft_config) == [name]
+        assert _holds_weights_of(pool, name, cks[name])
+    assert (pool.loads, pool.evictions, pool.peak) == (4, 4, 1)
+
+
+def test_vision_adapters_are_known_from_the_checkpoint_before_they_are_loaded(tiny_model_dir, cks):
+    pool = _pool(tiny_model_dir, cks, ["cal", "vis"], capacity=1)
+    assert pool.resident == ["cal"] and pool.vision_adapters() == frozenset({"vis"})  # vis not loaded yet
+    pool.ensure(["vis"])
+    assert pool.vision_adapters() == frozenset({"vis"})
+    pool.ensure(["cal"])  # evicted again: still a vision adapter
+    assert pool.vision_adapters() == frozenset({"vis"})
+    # vis retrained as an LM-only LoRA while not resident: no longer a vision adapter
+    srcs = [residency.AdapterSource("cal", cks["cal"]), residency.AdapterSource("vis", cks["claim"])]
+    _, replaced, _ = pool.update(srcs)
+    assert replaced == ["vis"] and pool.resident == ["cal"] and pool.vision_adapters() == frozenset()
+
+
+def test_without_a_cap_the_limit_is_every_known_adapter_and_never_below_one(tiny_model_dir, cks):
+    pool = _pool(tiny_model_dir, cks, ["cal", "claim"])
+    assert pool.limit == 2
+    pool.drop(["cal", "claim"])
+    assert pool.known == set() and pool.limit == 1
+
+
+def test_a_dropped_adapter_is_forgotten_and_a_new_one_of_its_name_starts_afresh(tiny_model_dir, cks):
+    pool = _pool(tiny_model_dir, cks, ["cal", "vis"], capacity=2)
+    assert pool.vision_adapters() == frozenset({"vis"}) and pool.resident == ["cal", "vis"]
+    pool.drop(["vis"])
+    assert pool.known == {"cal"} and pool.resident == ["cal"] and "vis" not in pool.model.peft_config
+    assert pool.evictions == 0  # forgetting an adapter is no LRU eviction
+    assert "vis" not in pool.stamps and pool.vision_adapters() == frozenset()
+    # the name comes back for an LM-only checkpoint: not resident yet, and not a vision adapter
+    added, replaced, removed = pool.update([residency.AdapterSource("cal", cks["cal"]),
+                                            residency.AdapterSource("vis", cks["claim"])])
+    assert (added, replaced, removed) == (["vis"], [], []) and pool.resident == ["cal"]
+    assert pool.vision_adapters() == frozenset()
+    pool.ensure(["vis"])
+    assert _holds_weights_of(pool, "vis", cks["claim"]) and pool.vision_adapters() == frozenset()
+
+
+def test_restore_undoes_an_update_reloading_the_replaced_adapter_from_its_old_folder(tiny_model_dir, cks,
+                                                                                      monkeypatch):
+    """What a failed router swap relies on: the adapters and weights from before, nothing added left behind."""
+    pool = _pool(tiny_model_dir, cks, ["cal", "claim"])
+    kept = [p for n, p in pool.model.named_parameters() if ".claim." in n]
+    snap = pool.snapshot()
+    loads, real = [], residency.load_adapter
+    monkeypatch.setattr(residency, "load_adapter", lambda model, src: (loads.append(src.name), real(model, src)))
+    added, replaced, removed = pool.update([residency.AdapterSource("cal", cks["cal-v2"]),
+                                            residency.AdapterSource("prov", cks["prov"])])
+    assert (added, replaced, removed) == (["prov"], ["cal"], ["claim"])
+    assert _holds_weights_of(pool, "cal", cks["cal-v2"]) and "prov" in pool.model.peft_config  # no cap: loaded now
+    assert any(".down_proj.lora_A.cal." in n for n, _ in pool.model.named_parameters())  # its new layers too
+    assert loads == ["cal", "prov"]
+    pool.restore(snap)
+    assert loads == ["cal", "prov", "cal"]  # only the replaced adapter is read again
+    assert pool.known == {"cal", "claim"} and sorted(pool.resident) == ["cal", "claim"]
+    assert set(pool.model.peft_config) == {"cal", "claim"}
+    assert _holds_weights_of(pool, "cal", cks["cal"]) and _holds_weights_of(pool, "claim", cks["claim"])
+    assert not any(".down_proj.lora_A." in n for n, _ in pool.model.named_parameters())
+    assert pool.sources["cal"].path == cks["cal"] and pool.evictions == 0  # swaps are not evictions
+    # claim, untouched by the update, kept its weights (with hundreds resident, a restore reloads only what changed)
+    now = [p for n, p in pool.model.named_parameters() if ".claim." in n]
+    assert len(now) == len(kept) > 0 and all(a is b for a, b in zip(kept, now))
+
+
+def test_an_adapter_that_does_not_fit_leaves_no_trace_in_the_model(tiny_model_dir, cks, tmp_path):
+    """peft registers an adapter before its weights fail to load: the pool takes it out again and goes on."""
+    bad = tmp_path / "bad"
+    shutil.copytree(cks["prov"], bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "r": 2 * cfg["r"]}))  # rank 8 config, rank 4 weights
+    pool = _pool(tiny_model_dir, {**cks, "bad": bad}, ["cal", "claim", "bad"], capacity=2)
+    with pytest.raises(ModelLoadError, match=r"adapter 'bad' \(.*bad\) does not fit the base model: .*size mismatch"):
+        pool.ensure(["bad"])
+    assert "bad" not in pool.model.peft_config and set(pool.model.peft_config) == set(pool.resident)
+    assert not any(".bad." in n for n, _ in pool.model.named_parameters())
+    pool.ensure(["claim", "cal"])
+    assert sorted(pool.resident) == ["cal", "claim"] and _holds_weights_of(pool, "cal", cks["cal"])

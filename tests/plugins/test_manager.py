@@ -63,6 +63,20 @@ def test_managers_are_independent():
     assert "invoice-form" not in collect_adapters(get_plugin_manager())
 
 
+def test_collected_specs_are_values_a_consumer_cannot_alter_for_the_others():
+    """collect_adapters labels a copy with its plugin; the plugin's own spec and the copies stay as declared."""
+    import dataclasses
+
+    declared = AdapterSpec(name="invoice-form", dataset="data/invoice-form.jsonl")
+    mod = types.ModuleType("tests_frozen_spec_plugin")
+    mod.register_adapters = hookimpl(lambda register: register(declared))
+    spec = collect_adapters(get_plugin_manager(extra_plugins=(mod,)))["invoice-form"]
+    assert (spec.plugin, declared.plugin) == ("tests_frozen_spec_plugin", "")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.dataset = "elsewhere.jsonl"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        declared.plugin = "someone-else"
+
 def test_two_plugins_declaring_one_adapter_is_an_error_naming_both():
     a = make_plugin("acme_forms", "invoice-form")
     b = make_plugin("globex_forms", "invoice-form")

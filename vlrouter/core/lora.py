@@ -228,6 +228,8 @@ def load_adapter(model, src: AdapterSource) -> None:
     if result.missing_keys:
         raise src.err(f"adapter {src.name!r} ({src.path}) lacks weights for modules the config targets: "
                       f"{str(result.missing_keys[0])[:200]}", fix="re-save the adapter with peft's save_pretrained")
+    if model.active_adapter not in model.peft_config:  # peft still names a deleted last adapter as the active one,
+        model.set_adapter(src.name, inference_mode=True)  # and every get_base_model() would raise KeyError
 
 
 def delete_adapter(model, name: str) -> None:

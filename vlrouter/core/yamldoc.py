@@ -74,6 +74,8 @@ def line_of(doc: Any, loc: tuple) -> int | None:
     node, line = doc, None
     for key in loc:
         try:
+            if isinstance(node, CommentedMap) and key not in node:  # YAML's `1:` / `true:` keys, named as text
+                key = next((k for k in node if str(k) == key), key)
             if isinstance(node, CommentedMap) and key in node:
                 line = node.lc.key(key)[0] + 1
                 node = node[key]
