@@ -23,6 +23,7 @@ from vlrouter.core.errors import (
     ModelLoadError,
     StaleRouterError,
 )
+from vlrouter.core.layout import LAYOUT_DIM
 from vlrouter.core.views import inner_vl_model
 from vlrouter.plugins.manager import get_plugin_manager
 
@@ -413,8 +414,8 @@ class FixedOOD:
     def __init__(self, scores, threshold):
         self.scores, self.threshold, self.seen = scores, threshold, []
 
-    def score(self, feats, content):
-        self.seen.append((feats, content))
+    def score(self, feats, content=None, layout=None):
+        self.seen.append((feats, content, layout))
         return torch.tensor(self.scores[: feats.shape[0]], dtype=torch.float64)
 
 
@@ -423,11 +424,12 @@ def test_an_input_scoring_exactly_the_ood_threshold_is_known(engine, items):
     ood = FixedOOD([1.5, 1.5 + 1e-9, 0.25], 1.5)
     e = _variant(engine, ood=ood)
     routes = e.route_batch(items[:3])
-    feats, content = ood.seen[-1]  # it scores the standardized features the head reads, and the screenshot view
+    feats, content, layout = ood.seen[-1]  # the standardized features the head reads, and the screenshot views
     with torch.no_grad():
         torch.testing.assert_close(feats, engine.head[0](engine.embed([i for i, _ in items[:3]],
                                                                       [p for _, p in items[:3]])))
     assert content is not None and content.shape[0] == 3
+    assert layout is not None and layout.shape == (3, LAYOUT_DIM) and torch.allclose(layout.norm(dim=1), torch.ones(3))
     assert [r.known for r in routes] == [True, False, True]
     assert [r.ood_score for r in routes] == [1.5, 1.5 + 1e-9, 0.25]
     assert [r.known for r in engine.route_batch(items[:3])] == [True] * 3  # no OOD model: everything known
