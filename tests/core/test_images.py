@@ -43,6 +43,8 @@ def test_a_16_bit_greyscale_png_keeps_its_greys(tmp_path):
     ("F", float("nan"), (0, 0, 0)),  # NaN pixels show black
     ("I", 1, (1, 1, 1)),  # a dark 32-bit int image is not a 0..1 image
     ("I", 256, (1, 1, 1)),  # over 255: a 16-bit range, scaled down like I;16
+    ("I", 255, (255, 255, 255)),  # 255 is still the 8-bit range
+    ("F", 300.0, (255, 255, 255)),  # a 0..255 float image clips at white, never wraps to black
     ("LA", (0, 0), (255, 255, 255)),  # fully transparent: the white a viewer shows, not black
     ("RGBA", (255, 0, 0, 255), (255, 0, 0)),
     ("P", 0, (0, 0, 0)),
@@ -50,6 +52,7 @@ def test_a_16_bit_greyscale_png_keeps_its_greys(tmp_path):
     ("LAB", (100, 128, 128), (93, 93, 93)),  # L*=39 grey, not read as if it were RGB (100, 128, 128)
     ("1", 1, (255, 255, 255)),
 ], ids=["i16", "i32-16bit", "i32-8bit", "float", "float-white", "float-0-255", "float-nan", "i32-dark", "i32-256",
+        "i32-255", "float-over-255",
         "la-transparent", "rgba", "palette", "cmyk", "lab", "bilevel"])
 def test_every_mode_becomes_the_rgb_a_viewer_shows(mode, value, expected):
     px = open_image(Image.new(mode, (8, 8), value)).getpixel((3, 3))
@@ -97,3 +100,74 @@ def test_a_very_wide_image_is_refused_and_skipped_in_a_dataset(tmp_path):
     Image.new("RGB", (8000, 20)).save(tmp_path / "cal" / "images" / "calendar-0-0001.png")
     samples, skipped = read_adapter_dataset(path, adapter="calendar")
     assert len(samples) == 2 and skipped.corrupt == ["calendar-0-0001"]  # a counted skip, not an abort
+
+
+def test_a_16_bit_array_is_scaled_onto_8_bits_like_a_16_bit_png():
+    arr = np.array([[0, 257], [32768, 65535]], dtype=np.uint16)
+    assert np.asarray(open_image(arr))[:, :, 0].tolist() == [[0, 1], [128, 255]]
+
+
+@pytest.mark.parametrize("as_pil", [False, True], ids=["array", "float-image"])
+def test_nan_and_infinite_pixels_show_black_and_leave_the_other_pixels_alone(as_pil):
+    arr = np.array([[0.5, np.nan], [np.inf, -np.inf]], dtype=np.float32)
+    src = Image.fromarray(arr, "F") if as_pil else arr
+    # 0.5 in a 0..1 image is mid-grey; a bad pixel neither turns white nor changes the image's range
+    assert np.asarray(open_image(src))[:, :, 0].tolist() == [[128, 0], [0, 0]]
+
+
+@pytest.mark.parametrize("mode,value,expected", [
+    ("RGBA", (255, 0, 0, 0), (255, 255, 255)),  # fully transparent: exactly white
+    ("LA", (0, 0), (255, 255, 255)),
+    ("RGBA", (255, 0, 0, 128), (255, 127, 127)),  # half transparent red over white
+    ("LA", (0, 128), (127, 127, 127)),
+])
+def test_transparency_is_composited_onto_exact_white(mode, value, expected):
+    assert open_image(Image.new(mode, (4, 4), value)).getpixel((1, 1)) == expected
+
+
+def _open_quietly(source) -> list[str]:
+    """Open ``source`` (errors swallowed, objects collected) and return the warnings it left behind."""
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            open_image(source)
+        except ImageError:
+            pass
+        gc.collect()
+    return [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+def test_an_opened_file_is_closed_whether_it_decodes_or_not(tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(good)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good.read_bytes()[:40])
+    for path in (good, broken):
+        assert _open_quietly(path) == []  # no "unclosed file" ResourceWarning: a dataset scan leaks no handles
+    assert _open_quietly(good.read_bytes()) == []
+
+
+def test_a_decompression_bomb_is_an_image_error_and_no_warning(tmp_path):
+    from tests.core.test_image_limits import _png_claiming
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_claiming(10_000, 10_000))  # 100 Mpx: over PIL's own warning threshold too
+    with pytest.raises(ImageError, match="refused before decoding"):
+        open_image(bomb)
+    assert _open_quietly(bomb) == []  # PIL's DecompressionBombWarning is turned into the error, never printed
+
+
+def test_integer_and_0_255_float_arrays_keep_their_values_clipped_to_8_bits():
+    ints = np.array([[-3, 0], [7, 300]], dtype=np.int32)
+    assert np.asarray(open_image(ints))[:, :, 1].tolist() == [[0, 0], [7, 255]]
+    floats = np.array([[0.4, 1.5], [100.0, 300.0]])  # over 1: a 0..255 float image, kept as it is
+    assert np.asarray(open_image(floats))[:, :, 1].tolist() == [[0, 2], [100, 255]]
+
+
+@pytest.mark.parametrize("shape,size", [((2, 20_000), "20000x2"), ((20_000, 2), "2x20000"), ((1, 300), "300x1")])
+def test_an_array_too_large_or_too_elongated_is_refused_naming_its_width_first(shape, size):
+    with pytest.raises(ImageError, match=f"image is {size} pixels"):
+        open_image(np.zeros(shape, dtype=np.uint8))
