@@ -75,3 +75,12 @@ def test_valid_calls_still_parse_and_serialise():
                                                    "call": "click(x=412, y=230.5)"}
     assert parse_call("type(text='-5')") == UIAction(name="type", args={"text": "-5"})  # text stays text
     assert parse_call("scroll(dy=-3)") == UIAction(name="scroll", args={"dy": -3})  # only pixels are >= 0
+
+
+def test_a_call_body_of_up_to_4096_characters_parses_and_a_longer_one_is_skipped():
+    def call(n: int) -> str:  # type(text='aaa…') whose body between the parentheses is n characters
+        return f"type(text='{'a' * (n - 7)}')"
+
+    assert parse_call(call(4096)) == UIAction(name="type", args={"text": "a" * 4089})
+    assert parse_call(call(4097)) is None
+    assert parse_call(call(4097) + " click(x=412, y=230)") == CLICK  # skipped for the next call
