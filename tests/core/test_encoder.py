@@ -242,3 +242,32 @@ def test_empty_prompt_is_refused(tiny_encoder):
 
 def test_dtype_name_is_the_weights_dtype_without_the_torch_prefix(tiny_encoder):
     assert tiny_encoder.dtype_name == "float32"  # the tiny encoder runs on the CPU in fp32
+
+
+def test_the_input_embeddings_alone_run_no_decoder_layer_and_with_layer_one_exactly_one(tiny_encoder):
+    enc = tiny_encoder
+    batch = enc.prepare(_images()[:1], PROMPTS[:1])
+    full = encode_views(enc.model, batch, list(range(enc.num_layers + 1)), token_ids=enc.token_ids)
+    blocks = inner_vl_model(enc.model).language_model.layers
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(blocks)]
+    try:
+        for layers, expect_ran in (([0], []), ([0, 1], [0])):
+            ran.clear()
+            views = encode_views(enc.model, batch, layers, token_ids=enc.token_ids)
+            assert ran == expect_ran, (layers, ran)  # stops right after the deepest layer asked for
+            assert set(views) == {view_key(v, i) for v in VIEWS for i in layers}
+            for k in views:
+                assert torch.equal(views[k], full[k]), k
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_token_ids_cannot_be_changed_once_read_from_the_model(tiny_encoder):
+    from vlrouter.core.views import TokenIds
+
+    ids = TokenIds.of(tiny_encoder.model, tiny_encoder.processor)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ids.image = 0  # the routing pass's masks must be the ones the features were made with
+    assert ids == tiny_encoder.token_ids and hash(ids) == hash(tiny_encoder.token_ids)

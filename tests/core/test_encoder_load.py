@@ -96,3 +96,18 @@ def test_quiet_loading_hides_progress_bars_and_then_restores_the_previous_settin
     finally:
         (tf.enable_progress_bar if was_tf else tf.disable_progress_bar)()
         (hub_utils.enable_progress_bars if was_hub else hub_utils.disable_progress_bars)()
+
+
+def test_a_cuda_index_past_the_machines_gpus_is_refused_and_the_others_pass(monkeypatch):
+    import pytest
+    import torch
+
+    from vlrouter.core.encoder import resolve_device
+    from vlrouter.core.errors import InputError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [resolve_device(d) for d in ("cuda", "cuda:0", "cuda:1")] == ["cuda", "cuda:0", "cuda:1"]
+    with pytest.raises(InputError) as e:
+        resolve_device("cuda:2")
+    assert str(e.value).startswith("--device: 'cuda:2': this machine has 2 CUDA device(s)") and "(fix: " in str(e.value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -79,3 +80,28 @@ def test_a_device_this_machine_lacks_is_refused_before_loading(device, problem):
         resolve_device(device)
     assert str(e.value).startswith("--device: ") and problem in str(e.value) and "(fix: " in str(e.value)
     assert resolve_device("cpu") == "cpu"
+
+
+class _Tokenizer:
+    """A stand-in tokenizer that keeps its special tokens in one of the two lists transformers offers."""
+
+    def __init__(self, all_special_tokens=None, added_tokens_decoder=None):
+        if all_special_tokens is not None:
+            self.all_special_tokens = all_special_tokens
+        if added_tokens_decoder is not None:
+            self.added_tokens_decoder = added_tokens_decoder
+
+
+@pytest.mark.parametrize("tokenizer", [
+    _Tokenizer(all_special_tokens=["</s>", "[IMG]"]),
+    _Tokenizer(added_tokens_decoder={5: SimpleNamespace(content="[IMG]", special=True),
+                                     6: SimpleNamespace(content="<think>", special=False)}),
+    _Tokenizer(all_special_tokens=["</s>"], added_tokens_decoder={5: SimpleNamespace(content="[IMG]", special=True)}),
+], ids=["all-special-tokens", "added-tokens", "both"])
+def test_a_special_token_is_refused_whichever_list_the_tokenizer_keeps_it_in(tokenizer):
+    from vlrouter.core.encoder import check_prompts
+
+    proc = SimpleNamespace(tokenizer=tokenizer)  # a tokenizer whose special tokens are not Qwen's <|...|> form
+    with pytest.raises(InputError, match=r"holds the special token '\[IMG\]'"):
+        check_prompts(proc, ["Click [IMG] here"])
+    check_prompts(proc, ["Click <think> here"])  # an added token that is not special is plain text
