@@ -271,3 +271,28 @@ def test_token_ids_cannot_be_changed_once_read_from_the_model(tiny_encoder):
     with pytest.raises(dataclasses.FrozenInstanceError):
         ids.image = 0  # the routing pass's masks must be the ones the features were made with
     assert ids == tiny_encoder.token_ids and hash(ids) == hash(tiny_encoder.token_ids)
+
+
+@pytest.mark.parametrize("rows,quarters", [
+    (4, [[0, 2], [1, 3], [4, 6], [5, 7]]),  # 4 rows x 2 columns: top = rows 0-1, bottom = rows 2-3
+    (5, [[0, 2, 4], [1, 3, 5], [4, 6, 8], [5, 7, 9]]),  # 5 rows: the middle row is in both halves
+])
+def test_a_tall_screenshot_splits_at_half_its_rows_with_qwens_2x2_patch_merge_by_default(rows, quarters):
+    from vlrouter.core.views import TokenIds
+
+    ids = TokenIds(image=9, vision_end=8, turn_end=7)  # merge left out: Qwen's 2 x 2
+    n = rows * 2
+    input_ids = torch.tensor([[1] + [9] * n + [8, 5, 7]])
+    grid = torch.tensor([[1, 2 * rows, 4]])  # t, h, w in patches: rows x 2 merged tokens
+    masks = view_masks(input_ids, torch.ones_like(input_ids), ids, grid)
+    assert [(torch.nonzero(q[0]).flatten() - 1).tolist() for q in masks["image-grid"]] == quarters
+
+
+def test_encode_pooled_defaults_to_the_mean_of_the_last_layer(tiny_encoder):
+    from vlrouter.core.views import encode_pooled
+
+    enc = tiny_encoder
+    batch = enc.prepare(_images()[:1], PROMPTS[:1])
+    every = encode_views(enc.model, batch, [enc.num_layers], token_ids=enc.token_ids)
+    default = encode_pooled(enc.model, batch, token_ids=enc.token_ids)
+    assert torch.equal(default, every[view_key("mean", enc.num_layers)])

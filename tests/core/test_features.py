@@ -396,3 +396,29 @@ def test_the_cpu_stage_uses_the_runs_processor_and_its_prompt_limit_and_names_th
             embed_dataset(tiny_encoder, samples[:1], tmp_path / "cache", layers=LAST)
     finally:
         set_prompt_token_limit(proc, 4096)
+
+
+def test_by_default_eight_samples_go_through_the_model_at_a_time(tiny_encoder, samples, tmp_path, monkeypatch):
+    real = type(tiny_encoder).embed_prepared
+    sizes = []
+
+    def counting(self, batch, layers, **kw):
+        sizes.append(int(batch["input_ids"].shape[0]))
+        return real(self, batch, layers, **kw)
+
+    monkeypatch.setattr(type(tiny_encoder), "embed_prepared", counting)
+    embed_dataset(tiny_encoder, samples[:9], tmp_path / "cache", layers=LAST)
+    assert sizes == [8, 1]  # train.embed_batch_size's default
+
+
+def test_nan_features_are_refused_naming_the_view_how_many_rows_and_the_fix():
+    from vlrouter.core.features import check_features
+
+    good = torch.zeros(3, 4)
+    bad = good.clone()
+    bad[0, 1], bad[2, 1] = float("nan"), float("inf")  # two rows (in one column)
+    check_features({"mean@2": good, "last@2": torch.zeros(0, 4)}, "data/routing")  # finite, or empty: fine
+    with pytest.raises(InputError) as e:
+        check_features({"mean@2": good, "last@2": bad}, "data/routing")
+    assert str(e.value).startswith("data/routing: last@2: 2 feature rows contain NaN/inf")
+    assert "router.dtype: float32" in str(e.value)

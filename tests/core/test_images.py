@@ -171,3 +171,17 @@ def test_integer_and_0_255_float_arrays_keep_their_values_clipped_to_8_bits():
 def test_an_array_too_large_or_too_elongated_is_refused_naming_its_width_first(shape, size):
     with pytest.raises(ImageError, match=f"image is {size} pixels"):
         open_image(np.zeros(shape, dtype=np.uint8))
+
+
+def test_exactly_64_million_pixels_is_a_screenshot_and_one_row_more_is_not():
+    from vlrouter.core.images import size_problem
+
+    assert size_problem(8000, 8000) is None  # README: refused when the header claims > 64 Mpx
+    assert "over the limit of 64,000,000 pixels" in size_problem(8000, 8001)[0]
+
+
+def test_an_array_that_is_not_numpy_is_refused_naming_its_type():
+    import torch
+
+    with pytest.raises(ImageError, match="cannot use a Tensor as an image .*a numpy array"):
+        open_image(torch.zeros(4, 4, 3))  # has .ndim, but is not a numpy array: convert it first

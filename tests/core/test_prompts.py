@@ -105,3 +105,28 @@ def test_a_special_token_is_refused_whichever_list_the_tokenizer_keeps_it_in(tok
     with pytest.raises(InputError, match=r"holds the special token '\[IMG\]'"):
         check_prompts(proc, ["Click [IMG] here"])
     check_prompts(proc, ["Click <think> here"])  # an added token that is not special is plain text
+
+
+class _WordTokenizer:
+    """One token per word; no special tokens."""
+
+    all_special_tokens: list[str] = []
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": list(range(len(text.split())))}
+
+
+def test_the_default_limit_is_4096_tokens_and_a_prompt_of_exactly_the_limit_passes():
+    from vlrouter.core.encoder import check_prompts
+
+    proc = SimpleNamespace(tokenizer=_WordTokenizer())  # no limit set: router.max_prompt_tokens' default
+    assert prompt_token_limit(proc) == 4096
+    check_prompts(proc, ["word " * 4096])
+    with pytest.raises(InputError, match="prompt is 4,097 tokens, over router.max_prompt_tokens=4,096"):
+        check_prompts(proc, ["word " * 4097])
+
+
+def test_the_formatted_input_ends_by_opening_the_assistants_turn(tiny_encoder):
+    batch = build_inputs(tiny_encoder.processor, [IMG], ["Click Submit"])
+    text = tiny_encoder.processor.tokenizer.decode(batch["input_ids"][0])
+    assert text.endswith("Click Submit<|im_end|>\n<|im_start|>assistant\n")  # what the model answers after
