@@ -223,6 +223,7 @@ def test_put_keeps_the_views_it_does_not_replace_and_drops_damaged_ones(tmp_path
     save_file({"mean@1": torch.ones(4), "image-grid@1": torch.ones(16),  # good views of a 4-wide model
                "last@1": torch.full((4,), float("nan")), "text-mean@1": torch.ones(3),  # damaged
                "feature": torch.ones(4)}, str(cache.path(key)))  # not a view (the old format)
+    assert not cache.has("ef" * 32) and cache.has(key)
     cache.put(key, {"mean@2": torch.full((4,), 2.0)})  # a deeper layer asked for later
     entry = cache.get_all(key)
     assert sorted(entry) == ["image-grid@1", "mean@1", "mean@2"]
@@ -319,6 +320,10 @@ def test_hashing_keeps_four_chunks_a_worker_queued_and_returns_keys_in_sample_or
         kw = {} if workers is None else {"workers": workers}
         assert sample_keys(tiny_encoder, samples, pool=pool, chunk=1, **kw) == plain
         assert pool.most == {"digest_shard": most}  # the workers stay busy; no more screenshots held than that
+    pool = _LazyPool()
+    seventeen = [type(samples[0])(**{**samples[0].__dict__, "id": f"copy-{i}"}) for i in range(17)]
+    sample_keys(tiny_encoder, seventeen, pool=pool)
+    assert pool.ran == ["digest_shard"] * 2  # at most 16 screenshots a job: 17 are spread over two
 
 
 @pytest.fixture
@@ -422,3 +427,37 @@ def test_nan_features_are_refused_naming_the_view_how_many_rows_and_the_fix():
         check_features({"mean@2": good, "last@2": bad}, "data/routing")
     assert str(e.value).startswith("data/routing: last@2: 2 feature rows contain NaN/inf")
     assert "router.dtype: float32" in str(e.value)
+
+
+def test_no_samples_give_empty_views_of_each_views_width(tiny_encoder, tmp_path):
+    from vlrouter.core.views import Representation
+
+    views, stats = embed_dataset(tiny_encoder, [], tmp_path / "cache", layers=LAST)
+    h, n = tiny_encoder.hidden_size, tiny_encoder.num_layers
+    assert {k: tuple(v.shape) for k, v in views.items()} == {
+        f"{v}@{n}": (0, 4 * h if v == "image-grid" else h) for v in VIEWS}  # as wide as when there are samples
+    assert Representation(("mean", "image-grid"), n).features(views).shape == (0, 5 * h)  # what a head reads
+    assert stats["embedded_new"] == stats["reused_cached"] == stats["forwarded"] == 0
+
+
+def test_prepared_items_go_eight_at_a_time_in_the_batch_the_processor_would_make(tiny_encoder, samples, tmp_path,
+                                                                                  monkeypatch):
+    from vlrouter.core.features import embed_prepared_items
+
+    nine = samples[:9]
+    items = prepare_shard(tiny_encoder.base_model, nine, processor=tiny_encoder.processor)
+    keys = sample_keys(tiny_encoder, nine)
+    real = type(tiny_encoder).embed_prepared
+    batches = []
+
+    def recording(self, batch, layers, **kw):
+        batches.append(batch)
+        return real(self, batch, layers, **kw)
+
+    monkeypatch.setattr(type(tiny_encoder), "embed_prepared", recording)
+    cache = FeatureCache(tmp_path, tiny_encoder.fingerprint())
+    out = embed_prepared_items(tiny_encoder, cache, keys, items, LAST)
+    assert [int(b["input_ids"].shape[0]) for b in batches] == [8, 1] and len(out) == 9
+    together = tiny_encoder.prepare([open_image(s.image) for s in nine[:8]], [s.prompt for s in nine[:8]])
+    assert torch.equal(batches[0]["input_ids"], together["input_ids"])  # padded with the tokenizer's pad token
+    assert all(torch.equal(cache.get_all(k)[n], v[n]) for k, v in zip(keys, out) for n in v)

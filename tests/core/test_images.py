@@ -185,3 +185,46 @@ def test_an_array_that_is_not_numpy_is_refused_naming_its_type():
 
     with pytest.raises(ImageError, match="cannot use a Tensor as an image .*a numpy array"):
         open_image(torch.zeros(4, 4, 3))  # has .ndim, but is not a numpy array: convert it first
+
+
+def test_an_aspect_ratio_of_exactly_200_to_1_opens_and_a_pixel_more_is_refused():
+    from vlrouter.core.images import size_problem
+
+    assert size_problem(4000, 20) is None and size_problem(20, 4000) is None
+    assert "aspect ratio over 200:1" in size_problem(4001, 20)[0]
+
+
+def test_without_a_file_name_an_error_says_what_was_refused():
+    with pytest.raises(ImageError) as e:
+        open_image(np.zeros((2, 3, 5), dtype=np.uint8))
+    assert str(e.value).startswith("<numpy array>: ")
+    with pytest.raises(ImageError) as e:
+        open_image(b"not a png")
+    assert str(e.value).startswith("<image bytes>: ")
+    with pytest.raises(ImageError) as e:
+        open_image(b"not a png", where="train.jsonl:3 image")
+    assert str(e.value).startswith("train.jsonl:3 image: ")
+
+
+def test_a_float_array_just_over_1_is_a_0_255_image():
+    assert open_image(np.full((2, 2), 1.5)).getpixel((0, 0)) == (2, 2, 2)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (8, 4), (255, 0, 0))
+    img.putpixel((0, 0), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; a viewer rotates 90 degrees clockwise
+    path = tmp_path / "photo.png"
+    img.save(path, exif=exif)
+    shown = open_image(path)
+    assert shown.size == (4, 8) and shown.getpixel((3, 0)) == (0, 0, 255)  # top-left corner went top-right
+
+
+@pytest.mark.parametrize("dtype", [np.complex128, np.dtype("datetime64[s]"), np.dtype("U1")])
+def test_an_array_of_a_dtype_that_is_not_pixels_is_refused(dtype):
+    import re
+
+    name = re.escape(str(np.dtype(dtype)))
+    with pytest.raises(ImageError, match=f"array of dtype {name} is not an image .*H x W x 3"):
+        open_image(np.zeros((4, 4), dtype=dtype))
