@@ -84,3 +84,15 @@ def test_a_call_body_of_up_to_4096_characters_parses_and_a_longer_one_is_skipped
     assert parse_call(call(4096)) == UIAction(name="type", args={"text": "a" * 4089})
     assert parse_call(call(4097)) is None
     assert parse_call(call(4097) + " click(x=412, y=230)") == CLICK  # skipped for the next call
+
+
+def test_a_parsed_action_is_immutable():
+    a = parse_call("click(x=412, y=230)")
+    with pytest.raises(ValidationError):
+        a.name = "type"  # what the engine returned stays what the model said
+    assert a == CLICK
+
+
+def test_the_top_left_corner_is_a_coordinate():
+    assert parse_call("click(x=0, y=0)", {"click": {"x", "y"}}) == UIAction(name="click", args={"x": 0, "y": 0})
+    assert parse_call("drag(x1=0.0, y1=0, x2=5, y2=0)").args == {"x1": 0.0, "y1": 0, "x2": 5, "y2": 0}

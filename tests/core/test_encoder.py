@@ -296,3 +296,59 @@ def test_encode_pooled_defaults_to_the_mean_of_the_last_layer(tiny_encoder):
     every = encode_views(enc.model, batch, [enc.num_layers], token_ids=enc.token_ids)
     default = encode_pooled(enc.model, batch, token_ids=enc.token_ids)
     assert torch.equal(default, every[view_key("mean", enc.num_layers)])
+
+
+def test_without_a_merge_size_anywhere_token_ids_assume_qwens_2x2(tiny_encoder):
+    from types import SimpleNamespace
+
+    from vlrouter.core.views import TokenIds
+
+    proc = SimpleNamespace(tokenizer=tiny_encoder.processor.tokenizer, image_processor=SimpleNamespace())
+    assert TokenIds.of(SimpleNamespace(), proc).merge == 2
+
+
+def test_a_row_without_a_screenshot_averages_its_non_pad_non_image_tokens_as_text():
+    from vlrouter.core.views import TokenIds
+
+    ids = TokenIds(image=9, vision_end=8, turn_end=7)
+    input_ids = torch.tensor([[0, 0, 9, 5, 6, 7]])  # left padding, a stray image token, no <|vision_end|>
+    attention = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    assert view_masks(input_ids, attention, ids)["text-mean"][0].tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_something_that_is_not_a_qwen3_vl_model_is_a_model_load_error():
+    from types import SimpleNamespace
+
+    from vlrouter.core.errors import ModelLoadError
+
+    for model in (SimpleNamespace(), SimpleNamespace(model=SimpleNamespace(vision=None))):
+        with pytest.raises(ModelLoadError, match="SimpleNamespace is not a Qwen3-VL model"):
+            inner_vl_model(model)
+
+
+def test_without_early_exit_every_decoder_layer_runs(tiny_encoder):
+    enc = tiny_encoder
+    batch = enc.prepare(_images()[:1], PROMPTS[:1])
+    blocks = inner_vl_model(enc.model).language_model.layers
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(blocks)]
+    try:
+        encode_views(enc.model, batch, [1], token_ids=enc.token_ids, early_exit=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ran == list(range(len(blocks)))
+
+
+def test_a_decoder_layer_that_returns_a_tuple_is_read_by_its_hidden_states(tiny_encoder):
+    enc = tiny_encoder
+    batch = enc.prepare(_images()[:1], PROMPTS[:1])
+    plain = encode_views(enc.model, batch, [1], token_ids=enc.token_ids)
+    first = inner_vl_model(enc.model).language_model.layers[0]
+    # older transformers' decoder layers return (hidden_states, attentions)
+    hook = first.register_forward_hook(lambda m, a, o: (o, torch.zeros(1)))
+    try:
+        as_tuple = encode_views(enc.model, batch, [1], token_ids=enc.token_ids)  # stops right after layer 1
+    finally:
+        hook.remove()
+    assert all(torch.equal(as_tuple[k], plain[k]) for k in plain)

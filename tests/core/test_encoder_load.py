@@ -171,6 +171,37 @@ def test_the_full_processor_is_used_when_it_can_be_built_and_pads_on_the_left(mo
 
 
 def test_encoder_info_records_the_model_its_width_depth_and_fingerprint(tiny_encoder):
+    import dataclasses
+
+    import pytest
+
     info = tiny_encoder.info()
     assert (info.base_model, info.hidden_size, info.num_layers, info.fingerprint) == (
         tiny_encoder.base_model, tiny_encoder.hidden_size, tiny_encoder.num_layers, tiny_encoder.fingerprint())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.hidden_size = 1  # a router records it as it was
+
+
+def test_the_base_model_is_moved_to_the_resolved_device(tiny_model_dir, monkeypatch):
+    import vlrouter.core.encoder as encoder
+
+    monkeypatch.setattr(encoder, "resolve_device", lambda device: "meta")  # stands in for a GPU on this machine
+    model = encoder.load_base_model(str(tiny_model_dir), device="cuda", dtype="float32")
+    assert {p.device.type for p in model.parameters()} == {"meta"} and not model.training
+
+
+def test_the_encoder_stops_after_the_deepest_layer_asked_for_by_default(tiny_encoder):
+    from PIL import Image
+
+    from vlrouter.core.views import inner_vl_model
+
+    batch = tiny_encoder.prepare([Image.new("RGB", (64, 48))], ["Click Submit"])
+    ran = []
+    blocks = inner_vl_model(tiny_encoder.model).language_model.layers
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(blocks)]
+    try:
+        tiny_encoder.embed_prepared(batch, [1])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ran == [0]

@@ -133,6 +133,8 @@ def test_each_head_dimension_is_allowed_up_to_its_limit_and_refused_one_over(fie
     assert getattr(HeadShape(**{**small, field: limit}), field) == limit
     with pytest.raises(ValidationError, match=field):
         HeadShape(**{**small, field: limit + 1})
+    with pytest.raises(ValidationError, match=field):
+        HeadShape(**{**small, field: 0 if field != "hidden" else -1})  # never less than one feature, label, unit
 
 
 def test_head_logits_are_the_eval_mode_output_whatever_mode_the_head_was_in():

@@ -95,7 +95,8 @@ class _Tokenizer:
 @pytest.mark.parametrize("tokenizer", [
     _Tokenizer(all_special_tokens=["</s>", "[IMG]"]),
     _Tokenizer(added_tokens_decoder={5: SimpleNamespace(content="[IMG]", special=True),
-                                     6: SimpleNamespace(content="<think>", special=False)}),
+                                     6: SimpleNamespace(content="<think>", special=False),
+                                     7: SimpleNamespace(content="<think>")}),  # one that does not say
     _Tokenizer(all_special_tokens=["</s>"], added_tokens_decoder={5: SimpleNamespace(content="[IMG]", special=True)}),
 ], ids=["all-special-tokens", "added-tokens", "both"])
 def test_a_special_token_is_refused_whichever_list_the_tokenizer_keeps_it_in(tokenizer):
@@ -108,12 +109,12 @@ def test_a_special_token_is_refused_whichever_list_the_tokenizer_keeps_it_in(tok
 
 
 class _WordTokenizer:
-    """One token per word; no special tokens."""
+    """One token per word, and a BOS token in front unless told not to add special tokens."""
 
     all_special_tokens: list[str] = []
 
     def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": list(range(len(text.split())))}
+        return {"input_ids": [0] * add_special_tokens + list(range(len(text.split())))}
 
 
 def test_the_default_limit_is_4096_tokens_and_a_prompt_of_exactly_the_limit_passes():
@@ -121,7 +122,7 @@ def test_the_default_limit_is_4096_tokens_and_a_prompt_of_exactly_the_limit_pass
 
     proc = SimpleNamespace(tokenizer=_WordTokenizer())  # no limit set: router.max_prompt_tokens' default
     assert prompt_token_limit(proc) == 4096
-    check_prompts(proc, ["word " * 4096])
+    check_prompts(proc, ["word " * 4096])  # the instruction's own tokens: the tokenizer's BOS is not counted
     with pytest.raises(InputError, match="prompt is 4,097 tokens, over router.max_prompt_tokens=4,096"):
         check_prompts(proc, ["word " * 4097])
 
