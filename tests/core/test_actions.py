@@ -75,3 +75,24 @@ def test_valid_calls_still_parse_and_serialise():
                                                    "call": "click(x=412, y=230.5)"}
     assert parse_call("type(text='-5')") == UIAction(name="type", args={"text": "-5"})  # text stays text
     assert parse_call("scroll(dy=-3)") == UIAction(name="scroll", args={"dy": -3})  # only pixels are >= 0
+
+
+def test_a_call_body_of_up_to_4096_characters_parses_and_a_longer_one_is_skipped():
+    def call(n: int) -> str:  # type(text='aaa…') whose body between the parentheses is n characters
+        return f"type(text='{'a' * (n - 7)}')"
+
+    assert parse_call(call(4096)) == UIAction(name="type", args={"text": "a" * 4089})
+    assert parse_call(call(4097)) is None
+    assert parse_call(call(4097) + " click(x=412, y=230)") == CLICK  # skipped for the next call
+
+
+def test_a_parsed_action_is_immutable():
+    a = parse_call("click(x=412, y=230)")
+    with pytest.raises(ValidationError):
+        a.name = "type"  # what the engine returned stays what the model said
+    assert a == CLICK
+
+
+def test_the_top_left_corner_is_a_coordinate():
+    assert parse_call("click(x=0, y=0)", {"click": {"x", "y"}}) == UIAction(name="click", args={"x": 0, "y": 0})
+    assert parse_call("drag(x1=0.0, y1=0, x2=5, y2=0)").args == {"x1": 0.0, "y1": 0, "x2": 5, "y2": 0}

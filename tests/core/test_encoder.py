@@ -251,3 +251,113 @@ def test_empty_prompt_is_refused(tiny_encoder):
 
 def test_dtype_name_is_the_weights_dtype_without_the_torch_prefix(tiny_encoder):
     assert tiny_encoder.dtype_name == "float32"  # the tiny encoder runs on the CPU in fp32
+
+
+def test_the_input_embeddings_alone_run_no_decoder_layer_and_with_layer_one_exactly_one(tiny_encoder):
+    enc = tiny_encoder
+    batch = enc.prepare(_images()[:1], PROMPTS[:1])
+    full = encode_views(enc.model, batch, list(range(enc.num_layers + 1)), token_ids=enc.token_ids)
+    blocks = inner_vl_model(enc.model).language_model.layers
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(blocks)]
+    try:
+        for layers, expect_ran in (([0], []), ([0, 1], [0])):
+            ran.clear()
+            views = encode_views(enc.model, batch, layers, token_ids=enc.token_ids)
+            assert ran == expect_ran, (layers, ran)  # stops right after the deepest layer asked for
+            assert set(views) == {view_key(v, i) for v in VIEWS for i in layers}
+            for k in views:
+                assert torch.equal(views[k], full[k]), k
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_token_ids_cannot_be_changed_once_read_from_the_model(tiny_encoder):
+    from vlrouter.core.views import TokenIds
+
+    ids = TokenIds.of(tiny_encoder.model, tiny_encoder.processor)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ids.image = 0  # the routing pass's masks must be the ones the features were made with
+    assert ids == tiny_encoder.token_ids and hash(ids) == hash(tiny_encoder.token_ids)
+
+
+@pytest.mark.parametrize("rows,quarters", [
+    (4, [[0, 2], [1, 3], [4, 6], [5, 7]]),  # 4 rows x 2 columns: top = rows 0-1, bottom = rows 2-3
+    (5, [[0, 2, 4], [1, 3, 5], [4, 6, 8], [5, 7, 9]]),  # 5 rows: the middle row is in both halves
+])
+def test_a_tall_screenshot_splits_at_half_its_rows_with_qwens_2x2_patch_merge_by_default(rows, quarters):
+    from vlrouter.core.views import TokenIds
+
+    ids = TokenIds(image=9, vision_end=8, turn_end=7)  # merge left out: Qwen's 2 x 2
+    n = rows * 2
+    input_ids = torch.tensor([[1] + [9] * n + [8, 5, 7]])
+    grid = torch.tensor([[1, 2 * rows, 4]])  # t, h, w in patches: rows x 2 merged tokens
+    masks = view_masks(input_ids, torch.ones_like(input_ids), ids, grid)
+    assert [(torch.nonzero(q[0]).flatten() - 1).tolist() for q in masks["image-grid"]] == quarters
+
+
+def test_encode_pooled_defaults_to_the_mean_of_the_last_layer(tiny_encoder):
+    from vlrouter.core.views import encode_pooled
+
+    enc = tiny_encoder
+    batch = enc.prepare(_images()[:1], PROMPTS[:1])
+    every = encode_views(enc.model, batch, [enc.num_layers], token_ids=enc.token_ids)
+    default = encode_pooled(enc.model, batch, token_ids=enc.token_ids)
+    assert torch.equal(default, every[view_key("mean", enc.num_layers)])
+
+
+def test_without_a_merge_size_anywhere_token_ids_assume_qwens_2x2(tiny_encoder):
+    from types import SimpleNamespace
+
+    from vlrouter.core.views import TokenIds
+
+    proc = SimpleNamespace(tokenizer=tiny_encoder.processor.tokenizer, image_processor=SimpleNamespace())
+    assert TokenIds.of(SimpleNamespace(), proc).merge == 2
+
+
+def test_a_row_without_a_screenshot_averages_its_non_pad_non_image_tokens_as_text():
+    from vlrouter.core.views import TokenIds
+
+    ids = TokenIds(image=9, vision_end=8, turn_end=7)
+    input_ids = torch.tensor([[0, 0, 9, 5, 6, 7]])  # left padding, a stray image token, no <|vision_end|>
+    attention = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    assert view_masks(input_ids, attention, ids)["text-mean"][0].tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_something_that_is_not_a_qwen3_vl_model_is_a_model_load_error():
+    from types import SimpleNamespace
+
+    from vlrouter.core.errors import ModelLoadError
+
+    for model in (SimpleNamespace(), SimpleNamespace(model=SimpleNamespace(vision=None))):
+        with pytest.raises(ModelLoadError, match="SimpleNamespace is not a Qwen3-VL model"):
+            inner_vl_model(model)
+
+
+def test_without_early_exit_every_decoder_layer_runs(tiny_encoder):
+    enc = tiny_encoder
+    batch = enc.prepare(_images()[:1], PROMPTS[:1])
+    blocks = inner_vl_model(enc.model).language_model.layers
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(blocks)]
+    try:
+        encode_views(enc.model, batch, [1], token_ids=enc.token_ids, early_exit=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ran == list(range(len(blocks)))
+
+
+def test_a_decoder_layer_that_returns_a_tuple_is_read_by_its_hidden_states(tiny_encoder):
+    enc = tiny_encoder
+    batch = enc.prepare(_images()[:1], PROMPTS[:1])
+    plain = encode_views(enc.model, batch, [1], token_ids=enc.token_ids)
+    first = inner_vl_model(enc.model).language_model.layers[0]
+    # older transformers' decoder layers return (hidden_states, attentions)
+    hook = first.register_forward_hook(lambda m, a, o: (o, torch.zeros(1)))
+    try:
+        as_tuple = encode_views(enc.model, batch, [1], token_ids=enc.token_ids)  # stops right after layer 1
+    finally:
+        hook.remove()
+    assert all(torch.equal(as_tuple[k], plain[k]) for k in plain)

@@ -48,3 +48,23 @@ def test_the_processor_fingerprint_follows_what_the_model_sees(tiny_encoder):
     templated = copy.deepcopy(proc)
     templated.chat_template = (proc.chat_template or "") + "{# changed #}"
     assert processor_fingerprint(templated) != fp  # another prompt format: other features
+
+
+def test_an_encoders_fingerprint_is_stable_across_releases():
+    """A changed fingerprint re-embeds every feature cache (hours on an 8B model): it changes only on purpose.
+
+    When the entry format or what the fingerprint covers changes, bump FEATURES_FORMAT and update this value."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vlrouter.core.encoder import Encoder
+
+    vision = SimpleNamespace(spatial_merge_size=2)
+    config = SimpleNamespace(image_token_id=1, vision_end_token_id=2, vision_config=vision)
+    model = SimpleNamespace(config=config, parameters=lambda: iter([torch.zeros(1, dtype=torch.bfloat16)]))
+    processor = SimpleNamespace(tokenizer=SimpleNamespace(convert_tokens_to_ids=lambda token: 3),
+                                image_processor=SimpleNamespace(to_dict=lambda: {"patch_size": 16, "merge_size": 2}),
+                                chat_template="{{ messages }}")
+    encoder = Encoder(model=model, processor=processor, base_model="Qwen/Qwen3-VL-8B-Instruct")
+    assert encoder.fingerprint() == "2cdb137a1955518a"

@@ -96,3 +96,112 @@ def test_quiet_loading_hides_progress_bars_and_then_restores_the_previous_settin
     finally:
         (tf.enable_progress_bar if was_tf else tf.disable_progress_bar)()
         (hub_utils.enable_progress_bars if was_hub else hub_utils.disable_progress_bars)()
+
+
+def test_a_cuda_index_past_the_machines_gpus_is_refused_and_the_others_pass(monkeypatch):
+    import pytest
+    import torch
+
+    from vlrouter.core.encoder import resolve_device
+    from vlrouter.core.errors import InputError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [resolve_device(d) for d in ("cuda", "cuda:0", "cuda:1")] == ["cuda", "cuda:0", "cuda:1"]
+    with pytest.raises(InputError) as e:
+        resolve_device("cuda:2")
+    assert str(e.value).startswith("--device: 'cuda:2': this machine has 2 CUDA device(s)") and "(fix: " in str(e.value)
+
+
+def test_quiet_loading_restores_each_switch_on_its_own(monkeypatch):
+    import transformers
+    from huggingface_hub import utils as hub_utils
+
+    from vlrouter.core.encoder import quiet_loading
+
+    tf = transformers.utils.logging
+    was_tf, was_hub = tf.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    try:
+        tf.disable_progress_bar()  # transformers' bars off (which also turns the hub's off) ...
+        hub_utils.enable_progress_bars()  # ... and the hub's back on
+        with quiet_loading():
+            assert hub_utils.are_progress_bars_disabled()
+        assert not tf.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
+    finally:
+        (tf.enable_progress_bar if was_tf else tf.disable_progress_bar)()
+        (hub_utils.enable_progress_bars if was_hub else hub_utils.disable_progress_bars)()
+
+
+def test_auto_device_is_cuda_when_there_is_one_else_cpu(monkeypatch):
+    import torch
+
+    from vlrouter.core.encoder import resolve_device
+
+    for available, device in ((False, "cpu"), (True, "cuda")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        assert resolve_device(None) == resolve_device("auto") == device
+
+
+def test_a_local_base_model_path_that_is_not_a_folder_is_refused_before_loading(tmp_path):
+    import pytest
+
+    from vlrouter.core.encoder import load_base_model, load_processor
+    from vlrouter.core.errors import ModelLoadError
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    for load in (load_base_model, load_processor):  # never handed to the Hub, which retries for minutes offline
+        with pytest.raises(ModelLoadError, match="local base model folder not found"):
+            load(str(tmp_path / "missing"))
+        with pytest.raises(ModelLoadError, match="local base model folder is not a folder"):
+            load(str(weights))
+
+
+def test_the_full_processor_is_used_when_it_can_be_built_and_pads_on_the_left(monkeypatch):
+    from types import SimpleNamespace
+
+    import transformers
+
+    from vlrouter.core.encoder import load_processor
+
+    full = SimpleNamespace(tokenizer=SimpleNamespace(padding_side="right"))
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *a, **k: full)
+    proc = load_processor("Qwen/Qwen3-VL-2B-Instruct")  # a hub id: nothing is downloaded here
+    assert proc is full and proc.tokenizer.padding_side == "left"
+
+
+def test_encoder_info_records_the_model_its_width_depth_and_fingerprint(tiny_encoder):
+    import dataclasses
+
+    import pytest
+
+    info = tiny_encoder.info()
+    assert (info.base_model, info.hidden_size, info.num_layers, info.fingerprint) == (
+        tiny_encoder.base_model, tiny_encoder.hidden_size, tiny_encoder.num_layers, tiny_encoder.fingerprint())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.hidden_size = 1  # a router records it as it was
+
+
+def test_the_base_model_is_moved_to_the_resolved_device(tiny_model_dir, monkeypatch):
+    import vlrouter.core.encoder as encoder
+
+    monkeypatch.setattr(encoder, "resolve_device", lambda device: "meta")  # stands in for a GPU on this machine
+    model = encoder.load_base_model(str(tiny_model_dir), device="cuda", dtype="float32")
+    assert {p.device.type for p in model.parameters()} == {"meta"} and not model.training
+
+
+def test_the_encoder_stops_after_the_deepest_layer_asked_for_by_default(tiny_encoder):
+    from PIL import Image
+
+    from vlrouter.core.views import inner_vl_model
+
+    batch = tiny_encoder.prepare([Image.new("RGB", (64, 48))], ["Click Submit"])
+    ran = []
+    blocks = inner_vl_model(tiny_encoder.model).language_model.layers
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(blocks)]
+    try:
+        tiny_encoder.embed_prepared(batch, [1])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ran == [0]

@@ -12,7 +12,8 @@ import torch
 
 from tests.helpers import make_dataset
 from vlrouter.core.data import read_adapter_dataset
-from vlrouter.core.errors import ImageError
+from vlrouter.core.encoder import prompt_token_limit, set_prompt_token_limit
+from vlrouter.core.errors import ImageError, InputError
 from vlrouter.core.features import FeatureCache, collate, embed_dataset, feature_key, prepare_shard, sample_keys
 from vlrouter.core.images import open_image
 from vlrouter.core.layout import LAYOUT_DIM
@@ -169,6 +170,11 @@ def test_key_is_the_content_not_the_path(tiny_encoder, samples, tmp_path):
     k0, k1, k2 = sample_keys(tiny_encoder, [s, moved, reworded])
     assert k0 == k1 != k2
     assert feature_key("other-encoder", "d", "p") != feature_key(fp, "d", "p")
+    from vlrouter.core.images import image_digest
+
+    digest = image_digest(open_image(s.image))
+    assert k0 == feature_key(fp, digest, s.prompt)  # sha256(encoder fingerprint, pixels, prompt), as documented
+    assert sample_keys(tiny_encoder, [s], encoder_fp="remote-fp") == [feature_key("remote-fp", digest, s.prompt)]
 
 
 def test_two_worker_processes_give_the_same_features(tiny_encoder, samples, tmp_path, monkeypatch):
@@ -215,6 +221,264 @@ def test_a_worker_process_starts_with_one_torch_thread_quiet_logs_and_no_tokeniz
         assert transformers.utils.logging.get_verbosity() == transformers.utils.logging.ERROR
         assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
         assert (str(tiny_model_dir), None) in _PROCESSORS
+        _worker_init(str(tiny_model_dir), None, 8)  # the run's router.max_prompt_tokens travels to the workers
+        assert prompt_token_limit(_PROCESSORS[(str(tiny_model_dir), None)]) == 8
     finally:
         torch.set_num_threads(threads)
         transformers.utils.logging.set_verbosity(verbosity)
+        if (str(tiny_model_dir), None) in _PROCESSORS:
+            set_prompt_token_limit(_PROCESSORS[(str(tiny_model_dir), None)], 4096)
+
+
+def test_an_empty_cache_holds_no_entries(tmp_path):
+    assert len(FeatureCache(tmp_path / "never-written", "fp")) == 0
+
+
+def test_put_keeps_the_views_it_does_not_replace_and_drops_damaged_ones(tmp_path):
+    from safetensors.torch import save_file
+
+    cache = FeatureCache(tmp_path, "fp")
+    key = "cd" * 32
+    cache.path(key).parent.mkdir(parents=True)
+    save_file({"mean@1": torch.ones(4), "image-grid@1": torch.ones(16),  # good views of a 4-wide model
+               "last@1": torch.full((4,), float("nan")), "text-mean@1": torch.ones(3),  # damaged
+               "feature": torch.ones(4)}, str(cache.path(key)))  # not a view (the old format)
+    assert not cache.has("ef" * 32) and cache.has(key)
+    cache.put(key, {"mean@2": torch.full((4,), 2.0)})  # a deeper layer asked for later
+    entry = cache.get_all(key)
+    assert sorted(entry) == ["image-grid@1", "mean@1", "mean@2"]
+    assert torch.equal(entry["mean@1"], torch.ones(4)) and torch.equal(entry["mean@2"], torch.full((4,), 2.0))
+    cache.put(key, {"mean@1": torch.zeros(4)})  # a view it does replace
+    assert torch.equal(cache.get(key, ["mean@1"])["mean@1"], torch.zeros(4)) and len(cache.get_all(key)) == 3
+
+
+@pytest.mark.parametrize("kw", [{"batch_size": 0}, {"workers": 0}])
+def test_a_batch_size_or_worker_count_below_one_is_refused_with_the_setting_to_fix(tiny_encoder, samples, tmp_path,
+                                                                                    kw):
+    with pytest.raises(InputError) as e:
+        embed_dataset(tiny_encoder, samples, tmp_path / "cache", layers=LAST, **kw)
+    assert str(e.value).startswith("batch_size/workers: must be >= 1") and "train.embed_batch_size" in str(e.value)
+    assert not (tmp_path / "cache").exists()  # refused before anything is hashed or written
+
+
+def test_a_sample_repeated_in_the_dataset_is_embedded_once_and_the_rest_still_are(tiny_encoder, samples, tmp_path):
+    a, b, c = samples[0], samples[1], samples[7]
+    again = type(a)(**{**a.__dict__, "id": "a-again"})  # same screenshot + instruction: the same cache key
+    cache = FeatureCache(tmp_path / "cache", tiny_encoder.fingerprint())
+    feats, stats = embed_dataset(tiny_encoder, [a, b, again, c], cache, layers=LAST, batch_size=2)
+    assert stats["forwarded"] == 3 and stats["embedded_new"] == 4 and stats["reused_cached"] == 0 and len(cache) == 3
+    from safetensors import safe_open
+
+    with safe_open(str(cache.path(sample_keys(tiny_encoder, [a])[0])), "pt") as f:  # whose entry this is
+        assert f.metadata() == {"encoder": tiny_encoder.fingerprint(), "id": a.id}
+    single, _ = embed_dataset(tiny_encoder, [a, b, c], cache, layers=LAST)
+    mean = _mean(feats)
+    assert torch.equal(mean[0], mean[2]) and torch.equal(mean[[0, 1, 3]], _mean(single))
+    _, stats = embed_dataset(tiny_encoder, [a, again, b, c], cache, layers=LAST)
+    assert stats["embedded_new"] == 0 and stats["reused_cached"] == 4 and stats["forwarded"] == 0
+
+
+def test_stats_report_the_seconds_it_took_and_one_worker_when_no_pool_was_worth_starting(tiny_encoder, samples,
+                                                                                         tmp_path):
+    import time
+
+    before = set(multiprocessing.active_children())
+    t0 = time.perf_counter()
+    _, stats = embed_dataset(tiny_encoder, samples[:3], tmp_path / "cache", layers=LAST, workers=2, batch_size=1)
+    took = time.perf_counter() - t0
+    assert 0 <= stats["seconds"] <= round(took, 3) + 0.001
+    assert stats["workers"] == 1  # 3 samples < POOL_MIN_SAMPLES: decoded here, no process started
+    assert set(multiprocessing.active_children()) <= before
+
+
+def test_one_worker_means_no_pool(tiny_encoder):
+    from vlrouter.core.features import make_pool
+
+    assert make_pool(tiny_encoder, 1) is None and make_pool(tiny_encoder, 0) is None
+
+
+class _LazyPool:
+    """An in-process stand-in for the worker pool: a job runs when its result is first asked for, so the test sees
+    how many jobs were queued at once and which ones ever ran."""
+
+    class _Job:
+        def __init__(self, pool, fn, args):
+            self.pool, self.fn, self.args, self.done = pool, fn, args, False
+
+        def result(self):
+            if not self.done:
+                self.pool.queued.remove(self)
+                self.value, self.done = self.fn(*self.args), True
+                self.pool.ran.append(self.fn.__name__)
+            return self.value
+
+    def __init__(self):
+        self.queued: list = []
+        self.ran: list[str] = []
+        self.most: dict[str, int] = {}
+        self.closed = False
+
+    def submit(self, fn, *args):
+        job = self._Job(self, fn, args)
+        self.queued.append(job)
+        n = sum(j.fn is fn for j in self.queued)
+        self.most[fn.__name__] = max(self.most.get(fn.__name__, 0), n)
+        return job
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        if not cancel_futures:  # like a real pool: the queued jobs still run before shutdown returns
+            for job in list(self.queued):
+                job.result()
+        self.queued.clear()
+        self.closed = wait  # without waiting, a real pool's processes outlive the call
+
+
+def test_hashing_keeps_four_chunks_a_worker_queued_and_returns_keys_in_sample_order(tiny_encoder, samples):
+    plain = sample_keys(tiny_encoder, samples, chunk=1)
+    for workers, most in ((2, 8), (1, 4), (None, 4)):  # None: the default, one worker
+        pool = _LazyPool()
+        kw = {} if workers is None else {"workers": workers}
+        assert sample_keys(tiny_encoder, samples, pool=pool, chunk=1, **kw) == plain
+        assert pool.most == {"digest_shard": most}  # the workers stay busy; no more screenshots held than that
+    pool = _LazyPool()
+    seventeen = [type(samples[0])(**{**samples[0].__dict__, "id": f"copy-{i}"}) for i in range(17)]
+    sample_keys(tiny_encoder, seventeen, pool=pool)
+    assert pool.ran == ["digest_shard"] * 2  # at most 16 screenshots a job: 17 are spread over two
+
+
+@pytest.fixture
+def fake_pool(tiny_encoder, monkeypatch):
+    """embed_dataset's worker pool replaced by a :class:`_LazyPool` (made for ``tiny_encoder`` and 2 workers)."""
+    import vlrouter.core.features as features
+
+    pool = _LazyPool()
+
+    def make_pool(encoder, workers):
+        assert encoder is tiny_encoder and workers == 2
+        return pool
+
+    monkeypatch.setattr(features, "make_pool", make_pool)
+    monkeypatch.setitem(features._PROCESSORS, (tiny_encoder.base_model, None), tiny_encoder.processor)
+    return pool
+
+
+@pytest.fixture
+def lazy_pool(fake_pool, monkeypatch):
+    """:func:`fake_pool`, started for any number of samples."""
+    import vlrouter.core.features as features
+
+    monkeypatch.setattr(features, "POOL_MIN_SAMPLES", 1)
+    return fake_pool
+
+
+def test_worker_processes_start_only_for_at_least_32_samples_to_process(tiny_encoder, samples, tmp_path, fake_pool):
+    copies = [type(samples[0])(**{**samples[0].__dict__, "id": f"copy-{i}"}) for i in range(32)]  # cheap: one key
+    _, stats = embed_dataset(tiny_encoder, copies[:31], tmp_path / "cache", layers=LAST, workers=2)
+    assert stats["workers"] == 1 and fake_pool.ran == []  # README: workers only for >= 32 samples
+    _, stats = embed_dataset(tiny_encoder, copies, tmp_path / "cache", layers=LAST, workers=2)
+    assert stats["workers"] == 2 and fake_pool.ran == ["digest_shard", "digest_shard"] and fake_pool.closed
+    _, stats = embed_dataset(tiny_encoder, copies, tmp_path / "cache", layers=LAST, workers=1)
+    assert stats["workers"] == 1 and len(fake_pool.ran) == 2  # one worker: never a pool
+
+
+def test_with_two_workers_two_shards_a_worker_are_prepared_ahead_and_the_features_are_the_same(tiny_encoder, samples,
+                                                                                           tmp_path, lazy_pool):
+    five = samples[:5]  # five shards of one
+    one, _ = embed_dataset(tiny_encoder, five, tmp_path / "a", layers=LAST, batch_size=1)
+    two, stats = embed_dataset(tiny_encoder, five, tmp_path / "b", layers=LAST, workers=2, batch_size=1)
+    assert lazy_pool.most["_prepare_job"] == 4 and lazy_pool.ran.count("_prepare_job") == 5
+    assert stats["workers"] == 2 and lazy_pool.closed
+    assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_an_interrupted_embed_cancels_the_shards_still_queued_in_the_pool(tiny_encoder, samples, tmp_path,
+                                                                         lazy_pool, monkeypatch):
+    real = type(tiny_encoder).embed_prepared
+    calls = {"n": 0}
+
+    def crash_on_second_batch(self, batch, layers, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, batch, layers, **kw)
+
+    monkeypatch.setattr(type(tiny_encoder), "embed_prepared", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        embed_dataset(tiny_encoder, samples, tmp_path / "cache", layers=LAST, workers=2, batch_size=2)
+    # Ctrl-C stops at once: the two shards it reached were prepared, the ones queued behind them never are
+    assert lazy_pool.ran.count("_prepare_job") == 2 and lazy_pool.closed
+
+
+def test_the_cpu_stage_uses_the_runs_processor_and_its_prompt_limit_and_names_the_dataset_line(tiny_encoder,
+                                                                                               samples, tmp_path):
+    proc = tiny_encoder.processor
+    try:
+        set_prompt_token_limit(proc, 2)  # router.max_prompt_tokens: 2
+        with pytest.raises(InputError) as e:
+            prepare_shard(tiny_encoder.base_model, samples[:1], processor=proc)
+        assert str(e.value).startswith(f"{samples[0].source}: ") and "over router.max_prompt_tokens=2" in str(e.value)
+        with pytest.raises(InputError, match="over router.max_prompt_tokens=2"):  # in process, the same processor
+            embed_dataset(tiny_encoder, samples[:1], tmp_path / "cache", layers=LAST)
+    finally:
+        set_prompt_token_limit(proc, 4096)
+
+
+def test_by_default_eight_samples_go_through_the_model_at_a_time(tiny_encoder, samples, tmp_path, monkeypatch):
+    real = type(tiny_encoder).embed_prepared
+    sizes = []
+
+    def counting(self, batch, layers, **kw):
+        sizes.append(int(batch["input_ids"].shape[0]))
+        return real(self, batch, layers, **kw)
+
+    monkeypatch.setattr(type(tiny_encoder), "embed_prepared", counting)
+    embed_dataset(tiny_encoder, samples[:9], tmp_path / "cache", layers=LAST)
+    assert sizes == [8, 1]  # train.embed_batch_size's default
+
+
+def test_nan_features_are_refused_naming_the_view_how_many_rows_and_the_fix():
+    from vlrouter.core.features import check_features
+
+    good = torch.zeros(3, 4)
+    bad = good.clone()
+    bad[0, 1], bad[2, 1] = float("nan"), float("inf")  # two rows (in one column)
+    check_features({"mean@2": good, "last@2": torch.zeros(0, 4)}, "data/routing")  # finite, or empty: fine
+    with pytest.raises(InputError) as e:
+        check_features({"mean@2": good, "last@2": bad}, "data/routing")
+    assert str(e.value).startswith("data/routing: last@2: 2 feature rows contain NaN/inf")
+    assert "router.dtype: float32" in str(e.value)
+
+
+def test_no_samples_give_empty_views_of_each_views_width(tiny_encoder, tmp_path):
+    from vlrouter.core.views import Representation
+
+    views, stats = embed_dataset(tiny_encoder, [], tmp_path / "cache", layers=LAST)
+    h, n = tiny_encoder.hidden_size, tiny_encoder.num_layers
+    assert {k: tuple(v.shape) for k, v in views.items()} == {
+        f"{v}@{n}": (0, {"image-grid": 4 * h, "layout": LAYOUT_DIM}.get(v, h))
+        for v in CACHED_VIEWS}  # as wide as when there are samples
+    assert Representation(("mean", "image-grid"), n).features(views).shape == (0, 5 * h)  # what a head reads
+    assert stats["embedded_new"] == stats["reused_cached"] == stats["forwarded"] == 0
+
+
+def test_prepared_items_go_eight_at_a_time_in_the_batch_the_processor_would_make(tiny_encoder, samples, tmp_path,
+                                                                                  monkeypatch):
+    from vlrouter.core.features import embed_prepared_items
+
+    nine = samples[:9]
+    items = prepare_shard(tiny_encoder.base_model, nine, processor=tiny_encoder.processor)
+    keys = sample_keys(tiny_encoder, nine)
+    real = type(tiny_encoder).embed_prepared
+    batches = []
+
+    def recording(self, batch, layers, **kw):
+        batches.append(batch)
+        return real(self, batch, layers, **kw)
+
+    monkeypatch.setattr(type(tiny_encoder), "embed_prepared", recording)
+    cache = FeatureCache(tmp_path, tiny_encoder.fingerprint())
+    out = embed_prepared_items(tiny_encoder, cache, keys, items, LAST)
+    assert [int(b["input_ids"].shape[0]) for b in batches] == [8, 1] and len(out) == 9
+    together = tiny_encoder.prepare([open_image(s.image) for s in nine[:8]], [s.prompt for s in nine[:8]])
+    assert torch.equal(batches[0]["input_ids"], together["input_ids"])  # padded with the tokenizer's pad token
+    assert all(torch.equal(cache.get_all(k)[n], v[n]) for k, v in zip(keys, out) for n in v)

@@ -108,3 +108,43 @@ def test_standardization_statistics_of_a_single_sample_are_per_feature():
     assert std.tolist() == [1.0, 1.0, 1.0, 1.0]  # one value per feature: no spread to divide by, so 1
     mean, std = standardize_stats(torch.tensor([[1.0, 0.0], [3.0, 0.0]]))
     assert mean.tolist() == [2.0, 0.0] and std.tolist() == pytest.approx([2 ** 0.5, 1e-6])
+
+
+def test_a_head_of_exactly_100_million_parameters_is_allowed_and_one_more_is_refused():
+    from pydantic import ValidationError
+
+    from vlrouter.core.head import head_param_shapes
+
+    def params(shape: HeadShape) -> int:
+        return sum(torch.Size(s).numel() for s in head_param_shapes(shape).values())
+
+    at_limit = HeadShape(in_dim=84_245, num_labels=1185)  # 2 x 84,245 standardizer + 1185 x 84,246 linear
+    assert params(at_limit) == 100_000_000
+    assert params(HeadShape(kind="mlp", in_dim=101_828, hidden=980, num_labels=4)) == 100_000_000
+    with pytest.raises(ValidationError, match="a head of 100,000,001 parameters is over the limit of 100,000,000"):
+        HeadShape(kind="mlp", in_dim=130_686, hidden=763, num_labels=32)
+
+
+@pytest.mark.parametrize("field,limit", [("in_dim", 131_072), ("hidden", 65_536), ("num_labels", 10_000)])
+def test_each_head_dimension_is_allowed_up_to_its_limit_and_refused_one_over(field, limit):
+    from pydantic import ValidationError
+
+    small = {"kind": "mlp", "in_dim": 1, "hidden": 1, "num_labels": 1}
+    assert getattr(HeadShape(**{**small, field: limit}), field) == limit
+    with pytest.raises(ValidationError, match=field):
+        HeadShape(**{**small, field: limit + 1})
+    with pytest.raises(ValidationError, match=field):
+        HeadShape(**{**small, field: 0 if field != "hidden" else -1})  # never less than one feature, label, unit
+
+
+def test_head_logits_are_the_eval_mode_output_whatever_mode_the_head_was_in():
+    from vlrouter.core.head import build_head
+
+    torch.manual_seed(0)
+    head = build_head(HeadShape(kind="mlp", in_dim=8, hidden=64, num_labels=3))  # dropout 0.1 when training
+    x = torch.randn(16, 8)
+    head.train()
+    first = head_logits(head, x)
+    assert not head.training and not first.requires_grad
+    head.train()
+    assert torch.equal(head_logits(head, x), first)  # no dropout: the same logits every time

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -79,3 +80,54 @@ def test_a_device_this_machine_lacks_is_refused_before_loading(device, problem):
         resolve_device(device)
     assert str(e.value).startswith("--device: ") and problem in str(e.value) and "(fix: " in str(e.value)
     assert resolve_device("cpu") == "cpu"
+
+
+class _Tokenizer:
+    """A stand-in tokenizer that keeps its special tokens in one of the two lists transformers offers."""
+
+    def __init__(self, all_special_tokens=None, added_tokens_decoder=None):
+        if all_special_tokens is not None:
+            self.all_special_tokens = all_special_tokens
+        if added_tokens_decoder is not None:
+            self.added_tokens_decoder = added_tokens_decoder
+
+
+@pytest.mark.parametrize("tokenizer", [
+    _Tokenizer(all_special_tokens=["</s>", "[IMG]"]),
+    _Tokenizer(added_tokens_decoder={5: SimpleNamespace(content="[IMG]", special=True),
+                                     6: SimpleNamespace(content="<think>", special=False),
+                                     7: SimpleNamespace(content="<think>")}),  # one that does not say
+    _Tokenizer(all_special_tokens=["</s>"], added_tokens_decoder={5: SimpleNamespace(content="[IMG]", special=True)}),
+], ids=["all-special-tokens", "added-tokens", "both"])
+def test_a_special_token_is_refused_whichever_list_the_tokenizer_keeps_it_in(tokenizer):
+    from vlrouter.core.encoder import check_prompts
+
+    proc = SimpleNamespace(tokenizer=tokenizer)  # a tokenizer whose special tokens are not Qwen's <|...|> form
+    with pytest.raises(InputError, match=r"holds the special token '\[IMG\]'"):
+        check_prompts(proc, ["Click [IMG] here"])
+    check_prompts(proc, ["Click <think> here"])  # an added token that is not special is plain text
+
+
+class _WordTokenizer:
+    """One token per word, and a BOS token in front unless told not to add special tokens."""
+
+    all_special_tokens: list[str] = []
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [0] * add_special_tokens + list(range(len(text.split())))}
+
+
+def test_the_default_limit_is_4096_tokens_and_a_prompt_of_exactly_the_limit_passes():
+    from vlrouter.core.encoder import check_prompts
+
+    proc = SimpleNamespace(tokenizer=_WordTokenizer())  # no limit set: router.max_prompt_tokens' default
+    assert prompt_token_limit(proc) == 4096
+    check_prompts(proc, ["word " * 4096])  # the instruction's own tokens: the tokenizer's BOS is not counted
+    with pytest.raises(InputError, match="prompt is 4,097 tokens, over router.max_prompt_tokens=4,096"):
+        check_prompts(proc, ["word " * 4097])
+
+
+def test_the_formatted_input_ends_by_opening_the_assistants_turn(tiny_encoder):
+    batch = build_inputs(tiny_encoder.processor, [IMG], ["Click Submit"])
+    text = tiny_encoder.processor.tokenizer.decode(batch["input_ids"][0])
+    assert text.endswith("Click Submit<|im_end|>\n<|im_start|>assistant\n")  # what the model answers after

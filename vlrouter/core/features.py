@@ -368,12 +368,17 @@ def embed_dataset(encoder: Encoder, samples: Sequence[Sample], cache: FeatureCac
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     h = encoder.hidden_size
-    feats = {n: torch.stack([have[k][n] for k in keys]) if keys else torch.zeros(0, h) for n in names}
+    feats = {n: torch.stack([have[k][n] for k in keys]) if keys else torch.zeros(0, _width(n, h)) for n in names}
     stats = {"embedded_new": n_new, "reused_cached": len(samples) - n_new, "forwarded": len(todo),
              "seconds": round(time.perf_counter() - t0, 3), "workers": workers if pool is not None else 1,
              "layers": layers}
     prog.log(f"features: embedded {stats['embedded_new']} new, reused {stats['reused_cached']} cached")
     return feats, stats
+
+
+def _width(name: str, hidden: int) -> int:
+    """Floats in the view ``name`` (``image-grid@2``: 4 x H; ``layout@2``: LAYOUT_DIM) of a model ``hidden`` wide."""
+    return view_width(name.split("@")[0], int(hidden))
 
 
 def usable_views(views: dict[str, torch.Tensor] | None, dim: int) -> dict[str, torch.Tensor] | None:
@@ -384,7 +389,7 @@ def usable_views(views: dict[str, torch.Tensor] | None, dim: int) -> dict[str, t
     if views is None:
         return None
     for name, t in views.items():
-        width = view_width(name.split("@")[0], int(dim))
+        width = _width(name, dim)
         if t.ndim != 1 or int(t.shape[0]) != width or not torch.isfinite(t).all():
             return None
     return views

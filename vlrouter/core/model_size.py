@@ -30,11 +30,22 @@ MAX_HEADER = 100 << 20  # a safetensors header is JSON of names and shapes: mega
 
 
 def _header_params(path: Path) -> int:
+    """Parameters listed in one safetensors file's header; ValueError naming the file when it has no such header
+    (shorter than 8 bytes, an absurd length, not a JSON object)."""
+    not_safetensors = ValueError(f"{path}: not a safetensors file")
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
+        head = f.read(8)
+        if len(head) < 8:
+            raise not_safetensors
+        (n,) = struct.unpack("<Q", head)
         if not 0 < n <= MAX_HEADER:
-            raise ValueError(f"{path}: not a safetensors file")
-        header = json.loads(f.read(n))
+            raise not_safetensors
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:  # not JSON, or not UTF-8
+            raise not_safetensors from None
+    if not isinstance(header, dict):
+        raise not_safetensors
     return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
 
 
