@@ -265,7 +265,7 @@ def test_the_input_embeddings_alone_run_no_decoder_layer_and_with_layer_one_exac
             ran.clear()
             views = encode_views(enc.model, batch, layers, token_ids=enc.token_ids)
             assert ran == expect_ran, (layers, ran)  # stops right after the deepest layer asked for
-            assert set(views) == {view_key(v, i) for v in VIEWS for i in layers}
+            assert set(views) == {view_key(v, i) for v in CACHED_VIEWS for i in layers}
             for k in views:
                 assert torch.equal(views[k], full[k]), k
     finally:

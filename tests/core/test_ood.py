@@ -228,6 +228,9 @@ def test_the_layout_spread_is_measured_on_new_screenshots_only():
     model = calibrate(fit_ood(x, y, 3, layouts=tl), vx, val_layout=mixed)
     fresh = model.layout_distance(vl[:10]).double()
     assert model.layout == pytest.approx((float(fresh.mean()), float(fresh.std())))
+    two_new = calibrate(fit_ood(x, y, 3, layouts=tl), vx[:10], val_layout=torch.cat([vl[:2], tl[:8]]))
+    pair = model.layout_distance(vl[:2]).double()
+    assert two_new.layout == pytest.approx((float(pair.mean()), float(pair.std())))  # two new ones are enough
     only_copies = calibrate(fit_ood(x, y, 3, layouts=tl), vx[:8], val_layout=tl[:8])
     assert only_copies.layout[0] == pytest.approx(0.0, abs=1e-6)  # nothing new to measure: all of them, not none
 
@@ -244,9 +247,20 @@ def test_kept_layouts_drop_repeats_and_share_the_limit_evenly_between_adapters()
     assert len(few) == 16 and len(set(picked.tolist())) == 16
     counts = labels[picked].bincount(minlength=3).tolist()
     assert counts == [6, 6, 4]  # the small adapter keeps all it has; the others share the rest evenly
+    odd = keep_layouts(layouts, labels, 3, limit=15)
+    assert labels[[rows[tuple(r.tolist())] for r in odd]].bincount(minlength=3).tolist() == [6, 5, 4]  # in turn
+    assert keep_layouts(layouts[:0], labels[:0], 3).shape == (0, LAYOUT_DIM)
     assert torch.equal(keep_layouts(layouts, labels, 3, limit=16), few)  # seeded: the same draw every time
     assert not torch.equal(keep_layouts(layouts, labels, 3, limit=16, seed=1), few)
     assert MAX_LAYOUTS >= 4096
+
+
+def test_the_nearest_layout_is_found_for_any_number_of_screens():
+    model, _, _ = _with_layouts()
+    many = _unit(torch.rand(600, LAYOUT_DIM, generator=torch.Generator().manual_seed(8)))  # more than one chunk
+    expected = torch.cdist(many.half().double(), model.layouts.double()).amin(1)
+    torch.testing.assert_close(model.layout_distance(many), expected)
+    assert model.layout_distance(many[:0]).shape == (0,)
 
 
 def test_saved_layouts_score_like_the_fitted_model_and_old_routers_keep_their_rule():

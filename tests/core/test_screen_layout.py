@@ -63,6 +63,29 @@ def test_edge_strength_lands_in_the_cells_of_the_edge_and_its_direction():
     assert cols == [11] and torch.allclose(across[:, 11], across[0, 11].expand(CELLS))  # columns 89|90 of 128
 
 
+def test_a_horizontal_edge_lands_in_its_row_of_cells_and_only_in_the_downward_half():
+    plane = torch.zeros(128, 64)
+    plane[90:, :] = 1.0  # one horizontal edge, 70 % of the way down
+    f = edge_layout(plane)
+    across, down = f[:CELLS * CELLS].reshape(CELLS, CELLS), f[CELLS * CELLS:].reshape(CELLS, CELLS)
+    assert float(across.abs().sum()) == 0.0
+    assert torch.nonzero(down.sum(1)).flatten().tolist() == [11]  # rows 89|90 of 128: one row of cells
+    assert torch.allclose(down[11], down[11, 0].expand(CELLS))
+    tiny = torch.zeros(2, 2)
+    tiny[1, :] = 1.0  # the smallest plane with an edge still shows it
+    assert float(edge_layout(tiny)[CELLS * CELLS:].sum()) > 0 and float(edge_layout(tiny.T)[:CELLS * CELLS].sum()) > 0
+
+
+def test_the_plane_is_the_screenshots_brightness_over_all_channels(tiny_encoder):
+    """Red and blue of about the same brightness look alike (the plane averages the normalised channels)."""
+    img = Image.new("RGB", (320, 256), (255, 0, 0))
+    img.paste((0, 0, 255), (160, 0, 320, 256))
+    _, (plane,) = _planes(tiny_encoder, [img])
+    w = plane.shape[1]
+    left, right = float(plane[:, 8:w // 2 - 8].mean()), float(plane[:, w // 2 + 8:-8].mean())
+    assert abs(left - right) < 0.1, (left, right)  # one channel alone would differ by about 3.7
+
+
 def test_a_screen_without_edges_or_too_small_to_have_any_is_the_zero_vector():
     assert float(edge_layout(torch.full((40, 60), 3.0)).abs().sum()) == 0.0
     assert float(edge_layout(torch.rand(1, 60)).abs().sum()) == 0.0

@@ -73,7 +73,7 @@ def edge_layout(grey: torch.Tensor, cells: int = CELLS) -> torch.Tensor:
     gy = (g[1:, :] - g[:-1, :]).abs()[None, None]
     f = torch.cat([F.adaptive_avg_pool2d(gx, cells).flatten(), F.adaptive_avg_pool2d(gy, cells).flatten()])
     norm = f.norm()
-    return f / norm if norm > 1e-6 else torch.zeros_like(f)
+    return f / norm if norm > 0 else torch.zeros_like(f)
 
 
 def batch_layouts(batch: dict[str, Any], has_image: Sequence[bool], *, patch: int, temporal: int,

@@ -227,13 +227,13 @@ def calibrate(model: OODModel, val_x: torch.Tensor, val_content: torch.Tensor | 
     import torch
 
     model.far = _spread(model.distance(val_x).log())
-    with_layout = model.layouts is not None and val_layout is not None and len(val_layout) > 0
+    with_layout = model.layouts is not None and val_layout is not None
     if val_content is not None and not with_layout:  # the layout sees blank and noise screens too, and better
         both = val_content if train_content is None else torch.cat([train_content, val_content])
         model.content = _spread(_log_variance(both))
     if with_layout:
         d = model.layout_distance(val_layout).double()
-        fresh = d[d > 1e-6]
+        fresh = d[d > 0]  # rounded as the bank is, a training screenshot is exactly 0 away
         model.layout = _spread(fresh if len(fresh) >= 2 else d)
     scores = model.score(val_x, val_content, val_layout)
     model.threshold = float(torch.quantile(scores, quantile))
