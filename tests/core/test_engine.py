@@ -411,6 +411,8 @@ def test_constructor_refuses_a_router_reading_a_layer_the_model_does_not_have(en
 class FixedOOD:
     """An OOD model whose scores are given (the real one's threshold semantics: score <= threshold is known)."""
 
+    screen_views = ("image-std", "layout")  # reads both screenshot views, like a router fitted with them
+
     def __init__(self, scores, threshold):
         self.scores, self.threshold, self.seen = scores, threshold, []
 

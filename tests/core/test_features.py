@@ -124,22 +124,27 @@ def test_entries_of_the_old_single_vector_format_are_re_embedded_not_misread(tin
     assert _mean(views).abs().sum() > 0
 
 
+def _crash_on_second_batch(encoder, monkeypatch) -> None:
+    """The encoder's second forward raises KeyboardInterrupt (Ctrl-C mid-embed); the first goes through."""
+    real = type(encoder).embed_prepared
+    calls = {"n": 0}
+
+    def crash(self, batch, layers, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, batch, layers, **kw)
+
+    monkeypatch.setattr(type(encoder), "embed_prepared", crash)
+
+
 def test_an_interrupted_embed_resumes_where_it_stopped(tiny_encoder, samples, tmp_path, monkeypatch):
     cache = FeatureCache(tmp_path / "cache", tiny_encoder.fingerprint())
     reference, _ = embed_dataset(tiny_encoder, samples, FeatureCache(tmp_path / "ref", tiny_encoder.fingerprint()),
                                  layers=LAST, batch_size=4)
     reference = _mean(reference)
 
-    calls = {"n": 0}
-    real = type(tiny_encoder).embed_prepared
-
-    def crash_on_second_batch(self, batch, layers, **kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(self, batch, layers, **kw)
-
-    monkeypatch.setattr(type(tiny_encoder), "embed_prepared", crash_on_second_batch)
+    _crash_on_second_batch(tiny_encoder, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         embed_dataset(tiny_encoder, samples, cache, layers=LAST, batch_size=4)
     monkeypatch.undo()
@@ -393,16 +398,7 @@ def test_with_two_workers_two_shards_a_worker_are_prepared_ahead_and_the_feature
 
 def test_an_interrupted_embed_cancels_the_shards_still_queued_in_the_pool(tiny_encoder, samples, tmp_path,
                                                                          lazy_pool, monkeypatch):
-    real = type(tiny_encoder).embed_prepared
-    calls = {"n": 0}
-
-    def crash_on_second_batch(self, batch, layers, **kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(self, batch, layers, **kw)
-
-    monkeypatch.setattr(type(tiny_encoder), "embed_prepared", crash_on_second_batch)
+    _crash_on_second_batch(tiny_encoder, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         embed_dataset(tiny_encoder, samples, tmp_path / "cache", layers=LAST, workers=2, batch_size=2)
     # Ctrl-C stops at once: the two shards it reached were prepared, the ones queued behind them never are

@@ -253,11 +253,11 @@ class Engine:
 
     # ---- routing ------------------------------------------------------------------------
     def _features(self, batch):
-        """The head's input ``[B, D]`` and, for the OOD score, the ``image-std`` and ``layout`` views (empty without
-        OOD): the router's views at its layer, base model with adapters disabled, exactly as for training; the
-        pass stops after that layer."""
+        """The head's input ``[B, D]`` and, for the OOD score, the screenshot views it reads (``image-std``,
+        ``layout``; None when not read): the router's views at its layer, base model with adapters disabled,
+        exactly as for training; the pass stops after that layer."""
         rep = self.representation
-        wanted = tuple(dict.fromkeys(rep.views + (("image-std", LAYOUT) if self.ood is not None else ())))
+        wanted = tuple(dict.fromkeys(rep.views + (self.ood.screen_views if self.ood is not None else ())))
         with adapters_off(self.model) if self._pool is not None else nullcontext():
             views = encode_views(self.model, batch, [rep.layer], wanted, token_ids=self.token_ids)
         return rep.features(views), {"content": views.get(view_key("image-std", rep.layer)),

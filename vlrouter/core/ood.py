@@ -31,8 +31,9 @@ lies beyond typical on every count together (0 when it is typical on all; eviden
 up, so an unseen screen that is a little odd in features *and* clearly odd in layout
 scores above an in-distribution one that is odd on one count). Leaving one demo task out,
 the two-sided content score only added noise once the layout was there (the unseen
-task's AUROC 0.950 with it, 0.968 without, blank and noise 1.0 either way). The threshold is the validation split's
-``quantile`` (default 95 %) score, so about 95 % of in-distribution inputs are ``known``.
+task's AUROC 0.950 with it, 0.968 without, blank and noise 1.0 either way). The threshold
+is the validation split's ``quantile`` (default 95 %) score, so about 95 % of
+in-distribution inputs are ``known``.
 Routers saved before the layout view keep their own rule, the largest z (``combine: max``
 in router.json's ``ood``), so their thresholds mean what they meant.
 """
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vlrouter.core.errors import CheckpointError, located
+from vlrouter.core.views import LAYOUT
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +83,13 @@ class OODModel:
             best = d if best is None else best.minimum(d)
         return best.clamp_min(1e-12) / x.shape[1]
 
+    @property
+    def screen_views(self) -> tuple[str, ...]:
+        """The screenshot views :meth:`score` reads besides the head's features: ``image-std`` (content) and/or
+        ``layout``, as fitted (the engine computes no others)."""
+        return (("image-std",) if self.content is not None else ()) + \
+            ((LAYOUT,) if self.layout is not None and self.layouts is not None else ())
+
     def layout_distance(self, layout: torch.Tensor) -> torch.Tensor:
         """Euclidean distance from each layout ``[N, LAYOUT_DIM]`` to the nearest kept training layout."""
         import torch
@@ -113,7 +122,8 @@ class OODModel:
         return out
 
     def meta(self) -> dict[str, Any]:
-        return {"method": "mahalanobis-shrunk+content+layout", "threshold": self.threshold,
+        return {"method": "+".join(("mahalanobis-shrunk", *("content" if v == "image-std" else v
+                                                           for v in self.screen_views))), "threshold": self.threshold,
                 "quantile": self.quantile, "iso": self.iso, "shrinkage": self.shrinkage,
                 "rank": int(self.basis.shape[1]), "far": list(self.far),
                 "content": list(self.content) if self.content is not None else None,
