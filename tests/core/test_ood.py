@@ -293,3 +293,12 @@ def test_a_router_whose_saved_layouts_do_not_fit_is_refused_with_the_fix(tmp_pat
     good = calibrate(fit_ood(x, y, 3, layouts=_layouts(60, seed=1)[0]), x[:9], val_layout=_layouts(9, seed=3)[0])
     save_router(tmp_path / "ok", build_head(shape), meta, ood=good)
     assert torch.equal(read_router(tmp_path / "ok").ood.layouts, good.layouts)
+
+
+def test_the_model_names_the_screenshot_views_it_reads_so_the_engine_computes_no_others():
+    with_layouts, _, _ = _with_layouts()
+    assert with_layouts.screen_views == ("layout",) and with_layouts.meta()["method"] == "mahalanobis-shrunk+layout"
+    content, _, _ = _calibrated()
+    assert content.screen_views == ("image-std",) and content.meta()["method"] == "mahalanobis-shrunk+content"
+    plain, _, _ = _calibrated(content=False)
+    assert plain.screen_views == () and plain.meta()["method"] == "mahalanobis-shrunk"
